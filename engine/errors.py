@@ -37,3 +37,7 @@ class ContextLengthError(InvalidRequestError):
 
 class ProviderError(EngineError, ValueError):
     """An execution provider name is unknown or the provider is not available in this install."""
+
+
+class InsufficientMemoryError(EngineError, MemoryError):
+    """The requested buffers (KV cache at max_length) do not fit in the memory available now."""

@@ -1,0 +1,540 @@
+"""Model folder -> :class:`ModelSpec`.
+
+Two kinds of folder are read:
+
+* onnxruntime-genai folders (``genai_config.json`` + the decoder ONNX file), as made by the
+  onnxruntime-genai model builder (Phi-3/Phi-4 INT4, GroupQueryAttention) or by hand;
+* plain Optimum-style exports without ``genai_config.json`` (``model.onnx`` with
+  ``past_key_values.N.key`` inputs and ``present.N.key`` outputs, optional ``position_ids``),
+  whose dimensions are read from the ONNX graph and whose token ids come from ``config.json`` /
+  ``generation_config.json`` when present.
+
+The spec is checked against the graph itself: every configured input and output must exist, the
+KV head count and head size must match the graph, and the KV layout is detected from the graph.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import ModelFileNotFoundError, ModelLoadError, UnsupportedModelError
+
+GENAI_CONFIG = "genai_config.json"
+
+# ONNX TensorProto element type -> numpy dtype, for the types a decoder's inputs/outputs use.
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.dtype(np.float32),
+    onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+    onnx.TensorProto.INT64: np.dtype(np.int64),
+    onnx.TensorProto.INT32: np.dtype(np.int32),
+    onnx.TensorProto.BOOL: np.dtype(np.bool_),
+}
+
+
+class KVLayout(str, enum.Enum):
+    """How a model's KV cache flows between steps."""
+
+    GQA_SHARED = "gqa_shared"
+    """GroupQueryAttention: one (batch, kv_heads, max_length, head_size) buffer bound as past and present."""
+    CONCAT = "concat"
+    """Separate K and V; present = concat(past, new) along the sequence axis."""
+    COMBINED = "combined"
+    """One ``past_%d`` tensor per layer, (2, batch, heads, seq, head_size), K and V stacked."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape (ints for static dims, strings for symbolic ones) and dtype of a graph input/output."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the engine needs to know about a decoder model, read from its folder."""
+
+    model_dir: Path
+    model_path: Path  # the decoder ONNX file
+    model_type: str
+    layout: KVLayout
+    num_layers: int
+    num_heads: int | None
+    num_kv_heads: int
+    head_size: int
+    hidden_size: int | None
+    vocab_size: int
+    context_length: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    kv_dtype: np.dtype
+    input_ids: TensorInfo  # (batch, seq) int64 or int32
+    attention_mask: TensorInfo | None  # (batch, total_seq) int64 or int32
+    position_ids: TensorInfo | None  # (batch, seq)
+    logits: TensorInfo  # (batch, seq, vocab)
+    past_names: tuple[str, ...]  # per layer: K then V (concat/gqa), or the combined name (combined)
+    present_names: tuple[str, ...]  # same order as past_names
+    extra_inputs: tuple[TensorInfo, ...] = ()  # e.g. use_cache_branch of a merged Optimum decoder
+    search: Mapping[str, Any] = field(default_factory=dict)
+    session_options: Mapping[str, Any] = field(default_factory=dict)
+    has_genai_config: bool = False
+    has_external_data: bool = False
+    weight_bytes: int = 0  # bytes of all initializers (what one decode step reads)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes for one sequence (all layers, K and V)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.kv_dtype.itemsize
+
+    def kv_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        """Shape of one past/present tensor for ``batch`` sequences of ``length`` tokens."""
+        if self.layout is KVLayout.COMBINED:
+            return (2, batch, self.num_kv_heads, length, self.head_size)
+        return (batch, self.num_kv_heads, length, self.head_size)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _err(path: Path, problem: str) -> ModelLoadError:
+    return ModelLoadError(f"{path}: {problem}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise _err(path, f"is not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise _err(path, "is not UTF-8 text") from e
+    if not isinstance(data, dict):
+        raise _err(path, f"must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], path: Path, where: str, default=None):
+    """Typed lookup in a config dict with an error that names the file and key."""
+    if key not in d:
+        if default is not None or typ is type(None):
+            return default
+        raise _err(path, f"missing key '{where}{key}'")
+    value = d[key]
+    ok = isinstance(value, typ) and not (isinstance(value, bool) and bool not in _as_tuple(typ))
+    if not ok:
+        names = "/".join(t.__name__ for t in _as_tuple(typ))
+        raise _err(path, f"key '{where}{key}' must be {names}, found {value!r}")
+    return value
+
+
+def _as_tuple(typ) -> tuple[type, ...]:
+    return typ if isinstance(typ, tuple) else (typ,)
+
+
+def _opt_int(d: Mapping[str, Any], key: str, path: Path, where: str) -> int | None:
+    if d.get(key) is None:
+        return None
+    return _get(d, key, int, path, where)
+
+
+def _eos_ids(value: Any, path: Path, where: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, bool):
+        raise _err(path, f"'{where}eos_token_id' must be an int or a list of ints, found {value!r}")
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise _err(path, f"'{where}eos_token_id' must be an int or a list of ints, found {value!r}")
+
+
+def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
+    tt = vi.type.tensor_type
+    dims: list[int | str] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or "?")
+    dtype = _ONNX_TO_NUMPY.get(tt.elem_type)
+    if dtype is None:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    return TensorInfo(vi.name, tuple(dims), dtype)
+
+
+@dataclass
+class _Graph:
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+    op_types: set[str]
+    external: bool
+    weight_bytes: int
+
+
+def _initializer_bytes(t: onnx.TensorProto) -> int:
+    for entry in t.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if t.raw_data:
+        return len(t.raw_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return int(math.prod(t.dims)) * itemsize
+
+
+def _read_graph(model_path: Path) -> _Graph:
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, RuntimeError or others on a corrupted file
+        raise _err(model_path, f"is not a readable ONNX model ({type(e).__name__}: {e})") from e
+    g = model.graph
+    init_names = {t.name for t in g.initializer}
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer)
+    if external:
+        for t in g.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    data_path = model_path.parent / entry.value
+                    if not data_path.is_file():
+                        raise ModelFileNotFoundError(
+                            f"{model_path}: external weights file '{entry.value}' is missing from {model_path.parent}"
+                        )
+    if not g.node:
+        raise _err(model_path, "has an empty graph")
+    return _Graph(
+        inputs={vi.name: _tensor_info(vi) for vi in g.input if vi.name not in init_names},
+        outputs={vi.name: _tensor_info(vi) for vi in g.output},
+        op_types={n.op_type for n in g.node},
+        external=external,
+        weight_bytes=sum(_initializer_bytes(t) for t in g.initializer),
+    )
+
+
+def _layer_names(template: str, n: int, path: Path, key: str) -> list[str]:
+    if "%d" not in template:
+        raise _err(path, f"name template '{key}' = {template!r} has no '%d' for the layer index")
+    return [template % i for i in range(n)]
+
+
+def _check_names(names: Sequence[str], available: Mapping[str, TensorInfo], what: str, model_path: Path):
+    missing = [n for n in names if n not in available]
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        have = ", ".join(list(available)[:8])
+        raise _err(model_path, f"the graph has no {what} named {shown} (it has: {have} ...)")
+
+
+def _static_dim(info: TensorInfo, axis: int) -> int | None:
+    d = info.shape[axis] if len(info.shape) > axis else None
+    return d if isinstance(d, int) and d > 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# genai_config.json
+
+
+def _spec_from_genai(model_dir: Path) -> ModelSpec:
+    cfg_path = model_dir / GENAI_CONFIG
+    cfg = _read_json(cfg_path)
+    model = _get(cfg, "model", dict, cfg_path, "")
+    dec = _get(model, "decoder", dict, cfg_path, "model.")
+    filename = _get(dec, "filename", str, cfg_path, "model.decoder.")
+    model_path = model_dir / filename
+    if not model_path.is_file():
+        raise ModelFileNotFoundError(
+            f"{cfg_path}: model.decoder.filename names '{filename}', which is missing from {model_dir}"
+        )
+    graph = _read_graph(model_path)
+
+    n_layers = _get(dec, "num_hidden_layers", int, cfg_path, "model.decoder.")
+    kv_heads = _get(dec, "num_key_value_heads", int, cfg_path, "model.decoder.")
+    head_size = _get(dec, "head_size", int, cfg_path, "model.decoder.")
+    n_heads = _opt_int(dec, "num_attention_heads", cfg_path, "model.decoder.")
+    hidden = _opt_int(dec, "hidden_size", cfg_path, "model.decoder.")
+    for key, v in (("num_hidden_layers", n_layers), ("num_key_value_heads", kv_heads), ("head_size", head_size)):
+        if v <= 0:
+            raise _err(cfg_path, f"model.decoder.{key} must be positive, found {v}")
+
+    inputs = _get(dec, "inputs", dict, cfg_path, "model.decoder.", default={}) or {}
+    outputs = _get(dec, "outputs", dict, cfg_path, "model.decoder.", default={}) or {}
+    ids_name = inputs.get("input_ids", "input_ids")
+    mask_name = inputs.get("attention_mask", "attention_mask")
+    pos_name = inputs.get("position_ids", "position_ids")
+    logits_name = outputs.get("logits", "logits")
+
+    if "past_names" in inputs or "present_names" in outputs:
+        past = _layer_names(inputs.get("past_names", "past_%d"), n_layers, cfg_path, "inputs.past_names")
+        present = _layer_names(
+            outputs.get("present_names", "present_%d"), n_layers, cfg_path, "outputs.present_names"
+        )
+        combined = True
+    else:
+        pk = _layer_names(
+            inputs.get("past_key_names", "past_key_values.%d.key"), n_layers, cfg_path, "inputs.past_key_names"
+        )
+        pv = _layer_names(
+            inputs.get("past_value_names", "past_key_values.%d.value"),
+            n_layers,
+            cfg_path,
+            "inputs.past_value_names",
+        )
+        ok = _layer_names(
+            outputs.get("present_key_names", "present.%d.key"), n_layers, cfg_path, "outputs.present_key_names"
+        )
+        ov = _layer_names(
+            outputs.get("present_value_names", "present.%d.value"),
+            n_layers,
+            cfg_path,
+            "outputs.present_value_names",
+        )
+        past = [n for pair in zip(pk, pv, strict=True) for n in pair]
+        present = [n for pair in zip(ok, ov, strict=True) for n in pair]
+        combined = False
+
+    search = _get(cfg, "search", dict, cfg_path, "", default={}) or {}
+    vocab = _opt_int(model, "vocab_size", cfg_path, "model.")
+    context = _opt_int(model, "context_length", cfg_path, "model.")
+    if context is None:
+        context = _opt_int(search, "max_length", cfg_path, "search.")
+    if context is None or context <= 0:
+        raise _err(cfg_path, "needs a positive model.context_length (or search.max_length)")
+    return _finish_spec(
+        model_dir=model_dir,
+        model_path=model_path,
+        graph=graph,
+        model_type=str(model.get("type", "unknown")),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        kv_heads=kv_heads,
+        head_size=head_size,
+        hidden=hidden,
+        vocab=vocab,
+        context=context,
+        bos=_opt_int(model, "bos_token_id", cfg_path, "model."),
+        eos=_eos_ids(model.get("eos_token_id"), cfg_path, "model."),
+        pad=_opt_int(model, "pad_token_id", cfg_path, "model."),
+        names=(ids_name, mask_name, pos_name, logits_name),
+        past=past,
+        present=present,
+        combined=combined,
+        search=search,
+        session_options=dec.get("session_options") or {},
+        has_genai=True,
+        cfg_path=cfg_path,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# plain Optimum-style export
+
+_OPTIMUM_FILES = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
+_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+
+def _spec_from_optimum(model_dir: Path) -> ModelSpec:
+    model_path = next((model_dir / f for f in _OPTIMUM_FILES if (model_dir / f).is_file()), None)
+    if model_path is None:
+        raise ModelFileNotFoundError(
+            f"{model_dir}: no {GENAI_CONFIG} and no ONNX decoder ({', '.join(_OPTIMUM_FILES)}) in the folder"
+        )
+    graph = _read_graph(model_path)
+    layers = sorted(int(m.group(1)) for n in graph.inputs if (m := _PAST_KEY.match(n)))
+    if not layers:
+        raise UnsupportedModelError(
+            f"{model_path}: no {GENAI_CONFIG} and no 'past_key_values.N.key' inputs: "
+            "the engine needs a decoder exported with a KV cache (Optimum: --task text-generation-with-past)"
+        )
+    n_layers = len(layers)
+    if layers != list(range(n_layers)):
+        raise _err(model_path, f"past_key_values layer indices are not 0..{n_layers - 1}: {layers}")
+    past = [n for i in range(n_layers) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
+    present = [n for i in range(n_layers) for n in (f"present.{i}.key", f"present.{i}.value")]
+    k0 = graph.inputs[past[0]]
+    kv_heads, head_size = _static_dim(k0, 1), _static_dim(k0, 3)
+    if kv_heads is None or head_size is None:
+        raise UnsupportedModelError(f"{model_path}: {past[0]} has symbolic heads/head_size dims {k0.shape}")
+
+    hf: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            hf.update(_read_json(model_dir / name))
+    cfg_path = model_dir / "config.json"
+    context = hf.get("max_position_embeddings") or hf.get("n_positions") or hf.get("max_length") or 2048
+    return _finish_spec(
+        model_dir=model_dir,
+        model_path=model_path,
+        graph=graph,
+        model_type=str(hf.get("model_type", "unknown")),
+        n_layers=n_layers,
+        n_heads=hf.get("num_attention_heads"),
+        kv_heads=kv_heads,
+        head_size=head_size,
+        hidden=hf.get("hidden_size"),
+        vocab=hf.get("vocab_size"),
+        context=int(context),
+        bos=hf.get("bos_token_id"),
+        eos=_eos_ids(hf.get("eos_token_id"), cfg_path, ""),
+        pad=hf.get("pad_token_id"),
+        names=("input_ids", "attention_mask", "position_ids", "logits"),
+        past=past,
+        present=present,
+        combined=False,
+        search={},
+        session_options={},
+        has_genai=False,
+        cfg_path=model_path,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# shared checks
+
+
+def _finish_spec(
+    *,
+    model_dir: Path,
+    model_path: Path,
+    graph: _Graph,
+    model_type: str,
+    n_layers: int,
+    n_heads: int | None,
+    kv_heads: int,
+    head_size: int,
+    hidden: int | None,
+    vocab: int | None,
+    context: int,
+    bos: int | None,
+    eos: tuple[int, ...],
+    pad: int | None,
+    names: tuple[str, str, str, str],
+    past: Sequence[str],
+    present: Sequence[str],
+    combined: bool,
+    search: Mapping[str, Any],
+    session_options: Mapping[str, Any],
+    has_genai: bool,
+    cfg_path: Path,
+) -> ModelSpec:
+    ids_name, mask_name, pos_name, logits_name = names
+    _check_names([ids_name], graph.inputs, "input", model_path)
+    _check_names([logits_name], graph.outputs, "output", model_path)
+    _check_names(past, graph.inputs, "past KV input", model_path)
+    _check_names(present, graph.outputs, "present KV output", model_path)
+
+    ids = graph.inputs[ids_name]
+    if ids.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
+        raise UnsupportedModelError(f"{model_path}: input '{ids_name}' has dtype {ids.dtype}; int64 or int32 expected")
+    mask = graph.inputs.get(mask_name)
+    pos = graph.inputs.get(pos_name)
+    logits = graph.outputs[logits_name]
+    if logits.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise UnsupportedModelError(f"{model_path}: output '{logits_name}' has dtype {logits.dtype}")
+
+    kv_info = graph.inputs[past[0]]
+    kv_dtype = kv_info.dtype
+    if kv_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise UnsupportedModelError(f"{model_path}: KV input '{past[0]}' has dtype {kv_dtype}; float32/float16 expected")
+    rank = 5 if combined else 4
+    if len(kv_info.shape) != rank:
+        raise UnsupportedModelError(
+            f"{model_path}: KV input '{past[0]}' has rank {len(kv_info.shape)} {kv_info.shape}; "
+            f"rank {rank} expected for this layout"
+        )
+    head_axis = 2 if combined else 1
+    g_heads, g_size = _static_dim(kv_info, head_axis), _static_dim(kv_info, rank - 1)
+    if g_heads is not None and g_heads != kv_heads:
+        raise _err(cfg_path, f"num_key_value_heads is {kv_heads} but the graph's '{past[0]}' has {g_heads} heads")
+    if g_size is not None and g_size != head_size:
+        raise _err(cfg_path, f"head_size is {head_size} but the graph's '{past[0]}' has head size {g_size}")
+
+    g_vocab = _static_dim(logits, 2)
+    if vocab is None:
+        vocab = g_vocab
+    elif g_vocab is not None and g_vocab != vocab:
+        raise _err(cfg_path, f"vocab_size is {vocab} but the graph's '{logits_name}' has {g_vocab} columns")
+    if vocab is None or vocab <= 0:
+        raise _err(cfg_path, "vocab_size is missing and the graph's logits have no static vocabulary dimension")
+
+    if "GroupQueryAttention" in graph.op_types and not combined:
+        layout = KVLayout.GQA_SHARED
+        if mask is None:
+            raise UnsupportedModelError(f"{model_path}: a GroupQueryAttention model without an attention_mask input")
+    elif combined:
+        layout = KVLayout.COMBINED
+    else:
+        layout = KVLayout.CONCAT
+
+    known = {ids_name, mask_name, pos_name, *past}
+    extra = tuple(info for n, info in graph.inputs.items() if n not in known)
+    for info in extra:
+        if info.name != "use_cache_branch":
+            raise UnsupportedModelError(
+                f"{model_path}: graph input '{info.name}' {info.shape} is not one the engine knows how to feed "
+                "(input_ids, attention_mask, position_ids, past KV, use_cache_branch)"
+            )
+    for tid in (bos, pad, *eos):
+        if tid is not None and not 0 <= tid < vocab:
+            raise _err(cfg_path, f"special token id {tid} is outside the vocabulary [0, {vocab})")
+
+    return ModelSpec(
+        model_dir=model_dir,
+        model_path=model_path,
+        model_type=model_type,
+        layout=layout,
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=kv_heads,
+        head_size=head_size,
+        hidden_size=hidden,
+        vocab_size=int(vocab),
+        context_length=int(context),
+        bos_token_id=bos,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        kv_dtype=kv_dtype,
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        logits=logits,
+        past_names=tuple(past),
+        present_names=tuple(present),
+        extra_inputs=extra,
+        search=dict(search),
+        session_options=dict(session_options),
+        has_genai_config=has_genai,
+        has_external_data=graph.external,
+        weight_bytes=graph.weight_bytes,
+    )
+
+
+def load_model_spec(model_dir: str | Path) -> ModelSpec:
+    """Read a model folder (genai format or plain Optimum export) into a checked :class:`ModelSpec`.
+
+    Raises :class:`~engine.errors.ModelFileNotFoundError` when the folder or a file it needs is
+    missing, :class:`~engine.errors.ModelLoadError` when a file is corrupted or the config
+    contradicts the graph, and :class:`~engine.errors.UnsupportedModelError` for layouts the
+    engine does not handle.
+    """
+    if not isinstance(model_dir, (str, Path)):
+        raise TypeError(f"model_dir must be a path (str or pathlib.Path), got {type(model_dir).__name__}")
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        raise ModelFileNotFoundError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise ModelFileNotFoundError(f"{path} is not a folder: pass the model folder, not a file inside it")
+    if (path / GENAI_CONFIG).is_file():
+        return _spec_from_genai(path)
+    return _spec_from_optimum(path)

@@ -1,0 +1,474 @@
+"""The hot path: ``prefill``, ``decode_one_token`` and ``generate``.
+
+One request::
+
+    prompt -> tokenizer -> prompt ids
+      prefill: one run over the prompt, KV written into the cache, last position's logits
+      decode loop: sampler writes the next id straight into the bound input_ids buffer
+                   -> stop checks -> decode_one_token (bind mask view of the new width, run)
+      -> GenerationResult, or StreamChunks as tokens arrive
+
+Everything the loop touches belongs to the Engine's :class:`~engine.binding.StepState` and
+:class:`~engine.sampling.Sampler`, allocated once in ``Engine.__init__`` and reused by every
+request. One Engine serves one request at a time; concurrent calls wait on a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .binding import StepState
+from .config import KVLayout, ModelSpec, load_model_spec
+from .errors import (
+    ContextLengthError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+)
+from .graph import load_for_generation
+from .providers import SessionConfig, create_session, resolve_provider, session_options
+from .sampling import Sampler, SamplingParams
+from .stopping import StopStringMatcher
+from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+DEFAULT_MAX_LENGTH = 4096
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_SAMPLING_KEYS = frozenset(
+    (
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "seed",
+        "logprobs",
+    )
+)
+
+
+@dataclass
+class GenerationStats:
+    """Timings and counts of one request (seconds; ``ttft_s`` counts from the call, tokenization included)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    tokenize_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_s: float = 0.0
+    kv_cache_bytes: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate()`` returns. ``token_ids`` are the new tokens only (the EOS id included when hit)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # 'eos' | 'length' | 'stop'
+    stats: GenerationStats
+    prompt_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None  # chosen token's log-probability per new token
+    top_logprobs: list[dict[int, float]] | None = None  # top-n alternatives per new token
+
+
+@dataclass
+class StreamChunk:
+    """One generated token as it arrives; ``finish_reason`` is set on the last chunk only.
+
+    ``text`` is the newly final text (possibly empty while a multi-byte character or a possible
+    stop string is still incomplete); the chunks' texts joined equal ``GenerationResult.text``.
+    """
+
+    text: str
+    token_id: int
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class _Request:
+    prompt_ids: np.ndarray  # (P,) int64
+    max_new_tokens: int
+    params: SamplingParams
+    stop: StopStringMatcher | None
+    detok: IncrementalDetokenizer | None
+    t_start: float
+    tokenize_s: float
+    pieces: list[str] = field(default_factory=list)
+    result: GenerationResult | None = None
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class Engine:
+    """A decoder model loaded once, with every buffer of the decode loop preallocated and bound.
+
+    Args:
+        model_dir: a genai-format model folder (``genai_config.json``) or a plain Optimum export.
+        provider: ``"cpu"`` or ``"cuda"``.
+        max_length: the longest sequence (prompt + new tokens) a request may have; defaults to
+            ``min(context_length, 4096)``. The KV cache is sized by it.
+        threads: ORT intra-op threads (default: measured per model size, see docs/providers.md).
+        spinning: let idle ORT threads spin (default on).
+        graph_optimization: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disable"``.
+        optimized_model_path: write ORT's optimized graph here (for inspection or a load cache).
+        last_token_logits: edit the graph at load so the LM head runs on the last position only.
+        sampler_impl: ``"auto"`` (Cython kernels, numpy fallback), ``"cython"`` or ``"numpy"``.
+        profile: turn on ORT's profiler (``end_profiling()`` writes the JSON trace).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        provider: str = "cpu",
+        max_length: int | None = None,
+        *,
+        threads: int | None = None,
+        spinning: bool | None = None,
+        graph_optimization: str = "all",
+        optimized_model_path: str | None = None,
+        last_token_logits: bool = True,
+        sampler_impl: str = "auto",
+        profile: bool = False,
+    ) -> None:
+        self.spec: ModelSpec = load_model_spec(model_dir)
+        spec = self.spec
+        self.provider = resolve_provider(provider)
+        self.max_length = self._check_max_length(max_length)
+        self._check_memory()
+        self.tokenizer: Tokenizer | None = None
+        if any((spec.model_dir / f).is_file() for f in _TOKENIZER_FILES):
+            self.tokenizer = load_tokenizer(
+                spec.model_dir,
+                bos_token_id=spec.bos_token_id,
+                eos_token_id=list(spec.eos_token_ids) or None,
+                pad_token_id=spec.pad_token_id,
+            )
+        eos = set(spec.eos_token_ids)
+        if self.tokenizer is not None and not eos:
+            eos.update(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+
+        config = SessionConfig(
+            threads=threads,
+            spinning=spinning,
+            graph_optimization=graph_optimization,
+            optimized_model_path=optimized_model_path,
+            profile=profile,
+        )
+        try:
+            config.validate()
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+        so = session_options(config, spec.weight_bytes, spec.session_options)
+        model, edited = load_for_generation(spec.model_path, spec.logits.name, last_token_logits)
+        if edited and spec.has_external_data:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(spec.model_dir))
+        self.session = create_session(model, self.provider, so)
+        self.threads = so.intra_op_num_threads
+        self.last_token_logits = edited
+        self._state = StepState(
+            self.session, spec, batch=1, max_length=self.max_length, last_token_logits=edited
+        )
+        self._sampler = Sampler(1, spec.vocab_size, impl=sampler_impl)
+        self._out_ids = np.zeros(self.max_length, dtype=np.int64)  # (max_length,) new token ids of a request
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------
+    # setup checks
+
+    def _check_max_length(self, max_length: int | None) -> int:
+        ctx = self.spec.context_length
+        if max_length is None:
+            return min(ctx, DEFAULT_MAX_LENGTH)
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise InvalidRequestError(f"max_length must be an int >= 2, got {max_length!r}")
+        if max_length > ctx:
+            what = "rows of the rotary cos/sin cache" if self.spec.layout is KVLayout.GQA_SHARED else "positions"
+            raise InvalidRequestError(
+                f"max_length {max_length} exceeds the model's context_length {ctx} ({what}); allowed: 2..{ctx}"
+            )
+        return max_length
+
+    def _check_memory(self) -> None:
+        if self.spec.layout is not KVLayout.GQA_SHARED:
+            return
+        need = self.spec.kv_bytes_per_token * self.max_length
+        avail = _available_memory()
+        if avail is not None and need > 0.8 * avail:
+            raise InsufficientMemoryError(
+                f"the KV cache for max_length {self.max_length} needs {need / 2**30:.2f} GiB "
+                f"({self.spec.kv_bytes_per_token} bytes/token) but only {avail / 2**30:.2f} GiB is available; "
+                "pass a smaller max_length"
+            )
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of KV cache the engine holds now (the preallocated buffers for GQA models)."""
+        return self._state.kv_nbytes
+
+    # ----------------------------------------------------------------------------------------
+    # request preparation: everything that can fail happens here, before any state is touched
+
+    def _prompt_ids(self, prompt: str | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is an empty string; give text or a non-empty list of token ids")
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    f"{self.spec.model_dir} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}): pass token ids"
+                )
+            return np.asarray(self.tokenizer.encode(prompt, add_special_tokens=True), dtype=np.int64)
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+                raise InvalidRequestError(
+                    f"a token-id prompt must be a 1-D integer array, got shape {prompt.shape} dtype {prompt.dtype}"
+                )
+            ids = prompt.astype(np.int64)
+        elif isinstance(prompt, (list, tuple)):
+            bad = next((t for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool)), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"token ids must be ints, found {bad!r} ({type(bad).__name__}); batched prompts are not supported yet"
+                )
+            ids = np.asarray(prompt, dtype=np.int64)
+        else:
+            raise InvalidRequestError(
+                f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+            )
+        if ids.size == 0:
+            raise InvalidRequestError("prompt has no tokens; give at least one token id")
+        vocab = self.spec.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise InvalidRequestError(
+                f"token id {lo if lo < 0 else hi} is outside the vocabulary; allowed: 0..{vocab - 1}"
+            )
+        return ids
+
+    def _prepare(
+        self,
+        prompt: str | Sequence[int] | np.ndarray,
+        max_new_tokens: int | None,
+        stop: Sequence[str] | str | None,
+        sampling: Mapping[str, Any],
+        stream: bool,
+    ) -> _Request:
+        t_start = time.perf_counter()
+        unknown = set(sampling) - _SAMPLING_KEYS
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown argument(s) {', '.join(sorted(unknown))}; sampling arguments are {', '.join(sorted(_SAMPLING_KEYS))}"
+            )
+        ids = self._prompt_ids(prompt)
+        tokenize_s = time.perf_counter() - t_start
+        n = int(ids.size)
+        room = self.max_length - n
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens but max_length is {self.max_length}: it leaves no room for a new token; "
+                f"shorten the prompt or create the Engine with a larger max_length (<= {self.spec.context_length})"
+            )
+        if max_new_tokens is None:
+            max_new_tokens = room
+        elif not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool):
+            raise InvalidRequestError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        elif max_new_tokens <= 0:
+            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        elif n + max_new_tokens > self.max_length:
+            raise ContextLengthError(
+                f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) = {n + max_new_tokens} exceeds "
+                f"max_length {self.max_length}; allowed max_new_tokens here: 1..{room}"
+            )
+        params = SamplingParams.from_search_config(self.spec.search, **sampling)
+        params.validate(self.spec.vocab_size)
+        if isinstance(stop, str):
+            stop = [stop]
+        matcher = None
+        if stop:
+            if self.tokenizer is None:
+                raise InvalidRequestError("stop strings need a tokenizer, and this model folder has none")
+            matcher = StopStringMatcher(stop)
+        detok = None
+        if self.tokenizer is not None and (stream or matcher is not None):
+            detok = IncrementalDetokenizer(self.tokenizer, ids.tolist())
+        return _Request(ids, int(max_new_tokens), params, matcher, detok, t_start, tokenize_s)
+
+    # ----------------------------------------------------------------------------------------
+    # the loop
+
+    def _steps(self, req: _Request, stream: bool) -> Iterator[StreamChunk]:
+        """Prefill, then decode until EOS, a stop string or max_new_tokens. Sets ``req.result``."""
+        st, sampler, out = self._state, self._sampler, self._out_ids
+        eos = self.eos_token_ids
+        want_logprobs = req.params.logprobs is not None
+        logprobs: list[float] = []
+        top: list[dict[int, float]] = []
+        sampler.reset(req.params, [req.prompt_ids])
+
+        t0 = time.perf_counter()
+        logits = st.prefill(req.prompt_ids[None, :])
+        sampler.sample(logits, st.next_ids)
+        t_first = time.perf_counter()
+        n = 0
+        finish = "length"
+        while True:
+            tok = int(st.next_ids[0])
+            out[n] = tok
+            n += 1
+            last = False
+            if tok in eos:
+                finish, last = "eos", True
+            elif n >= req.max_new_tokens:
+                last = True
+            if want_logprobs:
+                logprobs.append(float(sampler.logprobs[0]))
+                k = req.params.logprobs or 0
+                top.append({int(i): float(v) for i, v in zip(sampler.top_ids[0, :k], sampler.top_logprobs[0, :k])})
+            if req.detok is not None:
+                piece, stopped = self._text_of(req, tok, last)
+                if stopped:
+                    finish, last = "stop", True
+                req.pieces.append(piece)
+                if stream:
+                    yield StreamChunk(piece, tok, finish if last else None, logprobs[-1] if want_logprobs else None)
+            if last:
+                break
+            logits = st.decode_one_token()
+            sampler.sample(logits, st.next_ids)
+        t_end = time.perf_counter()
+
+        new_ids = out[:n].tolist()
+        if req.detok is not None:
+            text = "".join(req.pieces)
+        elif self.tokenizer is not None:
+            text = IncrementalDetokenizer.continuation(self.tokenizer, req.prompt_ids.tolist(), new_ids)
+        else:
+            text = ""
+        decode_s = t_end - t_first
+        stats = GenerationStats(
+            prompt_tokens=int(req.prompt_ids.size),
+            new_tokens=n,
+            tokenize_s=req.tokenize_s,
+            prefill_s=t_first - t0,
+            ttft_s=t_first - req.t_start,
+            decode_s=decode_s,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=t_end - req.t_start,
+            kv_cache_bytes=st.kv_nbytes,
+        )
+        req.result = GenerationResult(
+            text=text,
+            token_ids=new_ids,
+            finish_reason=finish,
+            stats=stats,
+            prompt_ids=req.prompt_ids.tolist(),
+            logprobs=logprobs if want_logprobs else None,
+            top_logprobs=top if want_logprobs else None,
+        )
+
+    @staticmethod
+    def _text_of(req: _Request, tok: int, last: bool) -> tuple[str, bool]:
+        """Newly final text after ``tok`` (stop strings held back and cut) and whether a stop string hit."""
+        assert req.detok is not None
+        text = req.detok.push(tok)
+        if last:
+            text += req.detok.flush()
+        if req.stop is None:
+            return text, False
+        safe, stopped = req.stop.push(text)
+        if last and not stopped:
+            safe += req.stop.flush()
+        return safe, stopped
+
+    # ----------------------------------------------------------------------------------------
+    # public API
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | np.ndarray,
+        max_new_tokens: int | None = None,
+        *,
+        stop: Sequence[str] | str | None = None,
+        **sampling: Any,
+    ) -> GenerationResult:
+        """Generate a continuation of ``prompt`` (text, or token ids used as given: no BOS added).
+
+        Greedy unless ``do_sample=True`` (or the model's genai_config search section says so).
+        Sampling arguments: ``do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+        presence_penalty, frequency_penalty, logit_bias, seed, logprobs``. ``max_new_tokens``
+        defaults to the room left in ``max_length``. Stops at any EOS id, at a ``stop`` string
+        (not included in the text) or after ``max_new_tokens``.
+
+        Raises :class:`~engine.errors.InvalidRequestError` (a ValueError) for bad arguments and
+        :class:`~engine.errors.ContextLengthError` when the request does not fit ``max_length``.
+        """
+        req = self._prepare(prompt, max_new_tokens, stop, sampling, stream=False)
+        with self._lock:
+            for _ in self._steps(req, stream=False):
+                pass
+        assert req.result is not None
+        return req.result
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | np.ndarray,
+        max_new_tokens: int | None = None,
+        *,
+        stop: Sequence[str] | str | None = None,
+        **sampling: Any,
+    ) -> Iterator[StreamChunk]:
+        """Like :meth:`generate`, yielding a :class:`StreamChunk` per token as it is decoded.
+
+        The arguments are checked before the first chunk (errors raise at the call). Leaving the
+        loop early (or ``close()`` on the iterator) ends the request and frees the engine.
+        """
+        req = self._prepare(prompt, max_new_tokens, stop, sampling, stream=True)
+        return self._stream(req)
+
+    def _stream(self, req: _Request) -> Iterator[StreamChunk]:
+        with self._lock:
+            yield from self._steps(req, stream=True)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"Engine({str(s.model_dir)!r}, provider={self.provider!r}, layout={s.layout.value}, "
+            f"layers={s.num_layers}, max_length={self.max_length}, threads={self.threads})"
+        )
+
+
+def generate(
+    model_dir: str | os.PathLike[str],
+    prompt: str | Sequence[int],
+    max_new_tokens: int | None = None,
+    *,
+    provider: str = "cpu",
+    **kwargs: Any,
+) -> GenerationResult:
+    """One-shot convenience: load ``model_dir``, generate once, return the result."""
+    return Engine(Path(model_dir), provider=provider).generate(prompt, max_new_tokens, **kwargs)

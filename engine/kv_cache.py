@@ -1,0 +1,96 @@
+"""KV cache strategies, one per layout (see docs/architecture.md).
+
+* :class:`StaticKVCache` (GroupQueryAttention share-buffer models): one buffer per layer and K/V,
+  ``(batch, kv_heads, max_length, head_size)``, allocated once per Engine and bound as BOTH the
+  ``past_key_values.*`` input and the ``present.*`` output. ORT's GQA kernel writes the new
+  token's K/V in place at position ``seqlens_k``; nothing is copied between steps.
+* :class:`GrowingKVCache` (concat and combined layouts): the graph returns ``present`` =
+  concat(past, new), one token longer each step. Present outputs are bound to memory ORT
+  allocates on the device and handed to the next step as past with ``bind_ortvalue_input``;
+  they never pass through numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from .config import KVLayout, ModelSpec
+
+
+class StaticKVCache:
+    """Preallocated share-buffer KV cache for GroupQueryAttention models."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_length: int, device: str = "cpu") -> None:
+        shape = spec.kv_shape(batch, max_length)
+        self.names = list(zip(spec.past_names, spec.present_names, strict=True))
+        if device == "cpu":
+            # (batch, kv_heads, max_length, head_size) kv_dtype, cpu: one per layer and K/V
+            self.buffers = [np.zeros(shape, dtype=spec.kv_dtype) for _ in self.names]
+            self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
+        else:
+            # (batch, kv_heads, max_length, head_size) kv_dtype, device memory owned by ORT
+            self.buffers = []
+            self.values = [
+                ort.OrtValue.ortvalue_from_shape_and_type(shape, spec.kv_dtype, device, 0) for _ in self.names
+            ]
+        self.nbytes = len(self.names) * int(np.prod(shape)) * spec.kv_dtype.itemsize
+
+    def bind(self, io: ort.IOBinding) -> None:
+        """Bind every buffer as both past input and present output (done once)."""
+        for (past, present), value in zip(self.names, self.values, strict=True):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+
+    def start(self, io: ort.IOBinding) -> None:
+        """Nothing to reset: the attention mask, not the buffer contents, says which rows are valid."""
+
+    def advance(self, io: ort.IOBinding) -> None:
+        """Nothing to do: the kernel wrote the new rows in place."""
+
+
+class GrowingKVCache:
+    """Concat-layout KV: present outputs (ORT-allocated on the device) become the next step's past."""
+
+    def __init__(self, spec: ModelSpec, batch: int, device: str = "cpu") -> None:
+        self.past_names = spec.past_names
+        self.present_names = spec.present_names
+        self.device = device
+        empty_shape = spec.kv_shape(batch, 0)
+        # (batch, kv_heads, 0, head_size) kv_dtype, or (2, batch, heads, 0, head_size) combined: the empty past
+        self._empty = np.zeros(empty_shape, dtype=spec.kv_dtype)
+        self._empty_values = [ort.OrtValue.ortvalue_from_numpy(self._empty) for _ in self.past_names]
+        self._first_present = 0  # index of present.0 among the binding's outputs (set in bind)
+        self.combined = spec.layout is KVLayout.COMBINED
+        self.bytes_per_token = spec.kv_bytes_per_token * batch
+        self.nbytes = 0  # grows with the sequence; reported per step by the engine
+
+    def bind(self, io: ort.IOBinding, outputs_before: int) -> None:
+        """Bind the empty past and let ORT allocate the presents; ``outputs_before`` outputs are bound already."""
+        self._first_present = outputs_before
+        self.start(io)
+
+    def start(self, io: ort.IOBinding) -> None:
+        """Start a new sequence: empty past, presents allocated by ORT."""
+        for name, value in zip(self.past_names, self._empty_values, strict=True):
+            io.bind_ortvalue_input(name, value)
+        self._bind_presents(io)
+
+    def _bind_presents(self, io: ort.IOBinding) -> None:
+        for name in self.present_names:
+            io.bind_output(name, self.device)
+
+    def advance(self, io: ort.IOBinding) -> None:
+        """Hand this step's presents to the next step as past (device OrtValues, no copy)."""
+        outputs = io.get_outputs()
+        first = self._first_present
+        for i, name in enumerate(self.past_names):
+            io.bind_ortvalue_input(name, outputs[first + i])
+        self._bind_presents(io)
+
+
+def make_kv_cache(spec: ModelSpec, batch: int, max_length: int, device: str = "cpu"):
+    """The KV strategy for ``spec.layout``."""
+    if spec.layout is KVLayout.GQA_SHARED:
+        return StaticKVCache(spec, batch, max_length, device)
+    return GrowingKVCache(spec, batch, device)

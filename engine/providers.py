@@ -1,0 +1,139 @@
+"""ONNX Runtime sessions tuned per execution provider.
+
+The CPU defaults were chosen by measurement (docs/providers.md has the figures and the command):
+
+* intra-op threads: every physical core for models whose weights are large enough that a
+  decode step is bandwidth-bound; one thread for tiny models, where the per-op threading
+  overhead costs more than a second core gains;
+* spinning on: idle worker threads spin between the small back-to-back ops of a decode step
+  instead of sleeping and waking;
+* graph optimization level ALL (ORT's layout and fusion passes);
+* inter-op threads 1, sequential execution (decoders are a single chain of ops).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from .errors import ModelLoadError, ProviderError
+
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# Below this many bytes of weights a decode step is dominated by op overhead, not by reading
+# weights, and one intra-op thread beats two (measured on stories260k, 1.4 MB; see docs/providers.md).
+TINY_MODEL_BYTES = 16 * 1024 * 1024
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def available_providers() -> list[str]:
+    """Short names (``"cpu"``, ``"cuda"``) of the execution providers this onnxruntime build has."""
+    have = set(ort.get_available_providers())
+    return [short for short, full in PROVIDER_NAMES.items() if full in have]
+
+
+def resolve_provider(name: str) -> str:
+    """Map ``"cpu"``/``"cuda"`` (or the full ORT name) to the ORT provider name, checking it is available."""
+    if not isinstance(name, str):
+        raise ProviderError(f"provider must be a string ('cpu' or 'cuda'), got {type(name).__name__}")
+    key = name.lower()
+    full = PROVIDER_NAMES.get(key) or next((f for f in PROVIDER_NAMES.values() if f.lower() == key), None)
+    if full is None:
+        raise ProviderError(f"unknown provider {name!r}; allowed: {', '.join(PROVIDER_NAMES)}")
+    if full not in ort.get_available_providers():
+        hint = " (install the 'cuda' extra: onnxruntime-gpu and cupy)" if full.startswith("CUDA") else ""
+        raise ProviderError(
+            f"provider {name!r} is not available in this onnxruntime build{hint}; "
+            f"available: {', '.join(available_providers())}"
+        )
+    return full
+
+
+def physical_cores() -> int:
+    """Number of CPU cores this process may run on (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(weight_bytes: int) -> int:
+    """Intra-op thread count for a model with ``weight_bytes`` of weights on this machine."""
+    return 1 if weight_bytes < TINY_MODEL_BYTES else physical_cores()
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """User-facing session knobs; ``None`` means "the measured default"."""
+
+    threads: int | None = None
+    spinning: bool | None = None
+    graph_optimization: str = "all"
+    optimized_model_path: str | None = None  # where ORT writes the optimized graph (a cache for next loads)
+    profile: bool = False
+    profile_prefix: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise ValueError(
+                f"graph_optimization must be one of {', '.join(_OPT_LEVELS)}, got {self.graph_optimization!r}"
+            )
+
+
+def session_options(
+    config: SessionConfig, weight_bytes: int, genai_options: Mapping[str, Any] | None = None
+) -> ort.SessionOptions:
+    """Build SessionOptions: the model's genai_config.json session_options, then our defaults, then ``config``."""
+    config.validate()
+    so = ort.SessionOptions()
+    genai_options = dict(genai_options or {})
+    threads = config.threads or genai_options.get("intra_op_num_threads") or default_threads(weight_bytes)
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = _OPT_LEVELS[config.graph_optimization]
+    spinning = True if config.spinning is None else config.spinning
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    for key, value in genai_options.items():
+        # genai passes ORT config entries ("session.*", "ep.*") through as strings.
+        if isinstance(key, str) and key.startswith(("session.", "ep.")) and isinstance(value, str) and value:
+            so.add_session_config_entry(key, value)
+    if config.optimized_model_path:
+        Path(config.optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
+        so.optimized_model_filepath = config.optimized_model_path
+    if config.profile:
+        so.enable_profiling = True
+        if config.profile_prefix:
+            so.profile_file_prefix = config.profile_prefix
+    return so
+
+
+def create_session(
+    model: str | bytes, provider: str, so: ort.SessionOptions, provider_options: Mapping[str, Any] | None = None
+) -> ort.InferenceSession:
+    """Create the InferenceSession, turning ORT's load failures into ModelLoadError."""
+    providers: list[Any] = [(provider, dict(provider_options or {}))]
+    if provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    try:
+        return ort.InferenceSession(model, so, providers=providers)
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException classes
+        where = model if isinstance(model, str) else "model"
+        raise ModelLoadError(f"{where}: onnxruntime could not load it ({type(e).__name__}: {e})") from e
