@@ -17,9 +17,29 @@ from .errors import (
     ProviderError,
     UnsupportedModelError,
 )
-from .generate import Engine, GenerationResult, GenerationStats, StreamChunk, generate
 from .providers import available_providers
-from .sampling import SamplingParams
+
+# The generation API is imported on first use, so that ``import engine.testing.synthetic`` or
+# ``import engine.config`` does not load tokenizers, the sampler and its compiled kernels.
+_LAZY = {
+    "Engine": "generate",
+    "GenerationResult": "generate",
+    "GenerationStats": "generate",
+    "StreamChunk": "generate",
+    "generate": "generate",
+    "SamplingParams": "sampling",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 

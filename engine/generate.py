@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .binding import StepState
+from .chat import load_chat_template, render_chat
 from .config import KVLayout, ModelSpec, load_model_spec
 from .errors import (
     ContextLengthError,
@@ -162,9 +163,10 @@ class Engine:
         self._check_memory()
         self.tokenizer: Tokenizer | None = None
         if any((spec.model_dir / f).is_file() for f in _TOKENIZER_FILES):
+            # BOS comes from the tokenizer's own config (genai_config's bos_token_id is unreliable:
+            # tiny-llama-fp16 says 0 while its tokenizer and reference prompts use <s> = 1).
             self.tokenizer = load_tokenizer(
                 spec.model_dir,
-                bos_token_id=spec.bos_token_id,
                 eos_token_id=list(spec.eos_token_ids) or None,
                 pad_token_id=spec.pad_token_id,
             )
@@ -197,6 +199,8 @@ class Engine:
         self._sampler = Sampler(1, spec.vocab_size, impl=sampler_impl)
         self._out_ids = np.zeros(self.max_length, dtype=np.int64)  # (max_length,) new token ids of a request
         self._lock = threading.Lock()
+        self.chat_template: str | None = load_chat_template(spec.model_dir)
+        self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
 
     # ----------------------------------------------------------------------------------------
     # setup checks
@@ -390,6 +394,7 @@ class Engine:
             logprobs=logprobs if want_logprobs else None,
             top_logprobs=top if want_logprobs else None,
         )
+        self.last_result = req.result
 
     @staticmethod
     def _text_of(req: _Request, tok: int, last: bool) -> tuple[str, bool]:
@@ -453,6 +458,31 @@ class Engine:
     def _stream(self, req: _Request) -> Iterator[StreamChunk]:
         with self._lock:
             yield from self._steps(req, stream=True)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template (the Phi format when the
+        folder has none), generation prompt added, tokenized without adding special tokens."""
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"{self.spec.model_dir} has no tokenizer: chat needs one")
+        tok = self.tokenizer
+        bos = tok.id_to_piece(tok.bos_token_id) if tok.bos_token_id is not None else ""
+        eos = tok.id_to_piece(tok.eos_token_ids[0]) if tok.eos_token_ids else ""
+        text = render_chat(messages, self.chat_template, bos_token=bos, eos_token=eos)
+        return tok.encode(text, add_special_tokens=False)
+
+    def chat(
+        self, messages: Sequence[Mapping[str, str]], max_new_tokens: int | None = None, **kwargs: Any
+    ) -> GenerationResult:
+        """Answer a conversation (``[{"role": "system"|"user"|"assistant", "content": str}, ...]``).
+
+        Takes the same keyword arguments as :meth:`generate`."""
+        return self.generate(self.render_chat(messages), max_new_tokens, **kwargs)
+
+    def stream_chat(
+        self, messages: Sequence[Mapping[str, str]], max_new_tokens: int | None = None, **kwargs: Any
+    ) -> Iterator[StreamChunk]:
+        """Streaming :meth:`chat`."""
+        return self.stream(self.render_chat(messages), max_new_tokens, **kwargs)
 
     def __repr__(self) -> str:
         s = self.spec
