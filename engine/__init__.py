@@ -22,11 +22,11 @@ from .providers import available_providers
 # The generation API is imported on first use, so that ``import engine.testing.synthetic`` or
 # ``import engine.config`` does not load tokenizers, the sampler and its compiled kernels.
 _LAZY = {
-    "Engine": "generate",
-    "GenerationResult": "generate",
-    "GenerationStats": "generate",
-    "StreamChunk": "generate",
-    "generate": "generate",
+    "Engine": "generation",
+    "GenerationResult": "generation",
+    "GenerationStats": "generation",
+    "StreamChunk": "generation",
+    "generate": "generation",
     "SamplingParams": "sampling",
 }
 

@@ -60,7 +60,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine(args: argparse.Namespace):
-    from .generate import Engine
+    from .generation import Engine
 
     return Engine(args.model, provider=args.provider, max_length=args.max_length, threads=args.threads)
 

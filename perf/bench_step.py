@@ -20,7 +20,7 @@ PROMPT = 16
 
 
 def _engine(path: Path):
-    from engine.generate import Engine
+    from engine import Engine
 
     eng = Engine(path, max_length=min(512, _context(path)))
     eng.eos_token_ids = frozenset()  # benchmark steps never end a request early

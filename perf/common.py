@@ -240,7 +240,7 @@ class EngineRunner(Runner):
     def __init__(
         self, model_dir: Path, provider: str, max_length: int, threads: int | None = None, **kw
     ) -> None:
-        from engine.generate import Engine
+        from engine import Engine
 
         self.eng = Engine(model_dir, provider=provider, max_length=max_length, threads=threads, **kw)
         # decode exactly n tokens on every engine: EOS must not end a timed run early

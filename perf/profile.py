@@ -11,9 +11,10 @@ Two runs of the same greedy request, each after a warm-up request, on two Engine
    ``args.op_name``; the table shows each op type's time per decoded token and its share, for the
    decode steps and for the prefill apart. ``model_run`` time minus the kernels' sum is the time
    ORT spends per run outside kernels.
-2. cProfile over ``generate()`` on an Engine without the ORT profiler: the Python functions with
-   the most own time per token. cProfile adds its own cost to every Python call, so these figures
-   rank the Python work; ``make perf``'s overhead column measures it without a profiler.
+2. cProfile over the decode loop of ``generate()`` (switched on when the prefill returns) on an
+   Engine without the ORT profiler: the Python functions with the most own time per decode step.
+   cProfile adds its own cost to every Python call, so these figures rank the Python work;
+   ``make perf``'s overhead column measures it without a profiler.
 
 The trace is moved to ``perf/results/<date>-<host>-ort-profile.json``.
 """
@@ -123,7 +124,7 @@ def summarize_trace(events: list[dict], runs: int) -> dict:
 
 
 def ort_profile(model: ModelChoice, ids: np.ndarray, n: int, threads: int | None, out_dir: Path) -> dict:
-    from engine.generate import Engine
+    from engine import Engine
 
     eng = Engine(model.path, max_length=len(ids) + n, threads=threads, profile=True)
     eng.eos_token_ids = frozenset()  # exactly n tokens
@@ -147,35 +148,46 @@ def ort_profile(model: ModelChoice, ids: np.ndarray, n: int, threads: int | None
 
 
 def python_profile(model: ModelChoice, ids: np.ndarray, n: int, threads: int | None, top: int) -> dict:
-    from engine.generate import Engine
+    from engine import Engine
 
     eng = Engine(model.path, max_length=len(ids) + n, threads=threads)
     eng.eos_token_ids = frozenset()
     eng.generate(ids, max_new_tokens=n)  # warm-up
     prof = cProfile.Profile()
-    t = time.perf_counter()
-    prof.enable()
-    res = eng.generate(ids, max_new_tokens=n)
-    prof.disable()
-    wall = time.perf_counter() - t
+    st = eng._state
+    prefill = st.prefill
+
+    def prefill_then_profile(*a, **kw):
+        out = prefill(*a, **kw)
+        prof.enable()  # the decode loop only: from the first token's sampling to the request's end
+        return out
+
+    st.prefill = prefill_then_profile  # instance attribute shadows the method for this request
+    try:
+        t = time.perf_counter()
+        res = eng.generate(ids, max_new_tokens=n)
+        prof.disable()
+        wall = time.perf_counter() - t - res.stats.prefill_s
+    finally:
+        del st.prefill
+    steps = n - 1  # decode_one_token calls
     stats = pstats.Stats(prof)
     rows = []
     for (file, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        try:
-            where = str(Path(file).resolve().relative_to(REPO))
-        except ValueError:
-            where = Path(file).name if file != "~" else ""
+        where = "" if file == "~" else file.split("site-packages/")[-1]
+        if where.startswith(str(REPO)):
+            where = str(Path(where).relative_to(REPO))
         rows.append(
             {
                 "function": f"{where}:{line}({func})" if where else func,
-                "calls_per_token": ncalls / n,
-                "own_us_per_token": tottime / n * 1e6,
-                "cum_us_per_token": cumtime / n * 1e6,
+                "calls_per_token": ncalls / steps,
+                "own_us_per_token": tottime / steps * 1e6,
+                "cum_us_per_token": cumtime / steps * 1e6,
             }
         )
     rows.sort(key=lambda r: -r["own_us_per_token"])
     return {
-        "wall_us_per_token_profiled": wall / n * 1e6,
+        "wall_us_per_token_profiled": wall / steps * 1e6,
         "decode_tokens_per_s_profiled": res.stats.decode_tokens_per_s,
         "functions": rows[:top],
     }
@@ -232,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nORT trace: {ort_sum['trace']}")
 
     print(
-        f"\n## Python functions by own time per token (cProfile over generate(); profiled wall "
+        f"\n## Python functions by own time per decode step (cProfile over the decode loop; profiled wall "
         f"{py_sum['wall_us_per_token_profiled']:.1f} µs/token)\n"
     )
     rows = [

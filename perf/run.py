@@ -54,6 +54,7 @@ from .common import (
 )
 
 ENGINES = ("engine", "plain", "genai")
+CONTENDED = 0.8  # CPU share below which a row is flagged as measured on busy cores
 MiB = 1024 * 1024
 
 
@@ -86,6 +87,7 @@ class Row:
     in_run_us: float | None
     kv_bytes: int
     rss_bytes: int  # resident memory this engine added (load + warm-up)
+    cpu_share: float  # median over reps of process CPU time / (wall x threads); ~1 when uncontended
     weights_gb_s: float  # weight_bytes x decode tok/s
     read_gb_s: float  # bytes actually read per token (embedding table: one row) x decode tok/s
     decode_x_plain: float | None = None  # median over reps of engine / plain decode tok/s
@@ -127,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--long-new-tokens",
         type=int,
-        default=16,
-        help="new tokens at prompts >= 512 on non-tiny models when --new-tokens is not given (default 16)",
+        default=32,
+        help="new tokens at prompts >= 512 on non-tiny models when --new-tokens is not given (default 32)",
     )
     p.add_argument("--batch", default="1", help="batch sizes (only 1 runs for now)")
     p.add_argument("--providers", default=None, help="cpu,cuda (default: every available one)")
@@ -221,6 +223,18 @@ def warm_up(runners: list[Runner], cells: list[Cell], vocab: int, rss: dict[str,
         rss[r.name] = before + rss_bytes() - start
 
 
+def _with_cpu_share(r: Runner, fn, ids: np.ndarray, n: int) -> Sample:
+    """Run ``fn(ids, n)`` and record the CPU share it got: process CPU time / (wall x threads).
+
+    ORT's workers spin, so an uncontended run shows ~1.0; well below (0.6) means other processes
+    took the cores during the run and its timings are inflated."""
+    t, c = time.perf_counter(), time.process_time()
+    sample = fn(ids, n)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    sample.extra["cpu_share"] = cpu / (wall * r.threads) if wall > 0 else float("nan")
+    return sample
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -284,11 +298,11 @@ def run_model(
         timed: dict[str, list[Sample]] = {r.name: [] for r in runners}
         for _ in range(args.reps):
             for r in runners:  # interleaved: A, B, C, A, B, C, ...
-                timed[r.name].append(r.run(ids, cell.new))
+                timed[r.name].append(_with_cpu_share(r, r.run, ids, cell.new))
                 bar.update(1)
         inst: dict[str, Sample] = {}
         for r in runners:
-            inst[r.name] = r.run_instrumented(ids, cell.new)
+            inst[r.name] = _with_cpu_share(r, r.run_instrumented, ids, cell.new)
             bar.update(1)
         ref = timed.get("plain", [None])[0]
         for r in runners:
@@ -315,6 +329,7 @@ def run_model(
                 in_run_us=_median(inst[r.name].in_run_s) * 1e6 if over else None,
                 kv_bytes=r.kv_bytes(spec, cell.prompt, cell.new),
                 rss_bytes=rss.get(r.name, 0),
+                cpu_share=_median([x.extra["cpu_share"] for x in s]),
                 weights_gb_s=spec.weight_bytes * dec / 1e9,
                 read_gb_s=info["read_bytes_per_token"] * dec / 1e9,
                 raw={
@@ -362,8 +377,16 @@ def _f(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _spread(xs: list[float]) -> str:
+    """ " ±N%": half the range of the repetitions relative to their median (blank for one repetition)."""
+    med = statistics.median(xs) if xs else 0.0
+    if len(xs) < 2 or med <= 0:
+        return ""
+    return f" ±{50 * (max(xs) - min(xs)) / med:.0f}%"
+
+
 COLUMNS = (
-    "model", "EP", "thr", "prompt", "new", "engine", "TTFT ms", "prefill tok/s", "decode tok/s",
+    "model", "EP", "thr", "CPU %", "prompt", "new", "engine", "TTFT ms", "prefill tok/s", "decode tok/s",
     "p50 ms", "p90 ms", "p99 ms", "overhead µs/tok", "KV MiB", "RSS MiB", "GB/s weights", "GB/s read",
     "decode eng/plain", "decode eng/genai", "TTFT eng/plain", "TTFT eng/genai",
 )  # fmt: skip
@@ -373,12 +396,14 @@ def markdown_table(rows: list[Row]) -> str:
     """The results as one markdown table."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in rows:
+        ep = r.provider.replace("ExecutionProvider", "")
         cells = [
-            r.model, r.provider.replace("ExecutionProvider", ""), str(r.threads), str(r.prompt), str(r.new),
-            r.engine, _f(r.ttft_ms), _f(r.prefill_tok_s), _f(r.decode_tok_s), _f(r.p50_ms), _f(r.p90_ms),
-            _f(r.p99_ms), _f(r.overhead_us), _f(r.kv_bytes / MiB), _f(r.rss_bytes / MiB), _f(r.weights_gb_s),
-            _f(r.read_gb_s), _f(r.decode_x_plain), _f(r.decode_x_genai), _f(r.ttft_x_plain),
-            _f(r.ttft_x_genai),
+            r.model, ep, str(r.threads), f"{100 * r.cpu_share:.0f}", str(r.prompt), str(r.new), r.engine,
+            _f(r.ttft_ms) + _spread(r.raw["ttft_s"]), _f(r.prefill_tok_s),
+            _f(r.decode_tok_s) + _spread(r.raw["decode_tokens_per_s"]),
+            _f(r.p50_ms), _f(r.p90_ms), _f(r.p99_ms), _f(r.overhead_us), _f(r.kv_bytes / MiB),
+            _f(r.rss_bytes / MiB), _f(r.weights_gb_s), _f(r.read_gb_s),
+            _f(r.decode_x_plain), _f(r.decode_x_genai), _f(r.ttft_x_plain), _f(r.ttft_x_genai),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -396,13 +421,17 @@ def plot(rows: list[Row], stem: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models, strict=True):
         for eng, prov in dict.fromkeys((r.engine, r.provider) for r in rows if r.model == m):
-            pts = sorted(
-                (r.prompt, r.decode_tok_s) for r in rows if (r.model, r.engine, r.provider) == (m, eng, prov)
+            sel = sorted(
+                (r for r in rows if (r.model, r.engine, r.provider) == (m, eng, prov)), key=lambda r: r.prompt
             )
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{eng} ({prov})")
+            xs = [r.prompt for r in sel]
+            ys = [r.decode_tok_s for r in sel]
+            lo = [y - min(r.raw["decode_tokens_per_s"]) for y, r in zip(ys, sel, strict=True)]
+            hi = [max(r.raw["decode_tokens_per_s"]) - y for y, r in zip(ys, sel, strict=True)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{eng} ({prov})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("decode tok/s (median)")
+        ax.set_ylabel("decode tok/s (median, bars: min-max of reps)")
         ax.set_title(m, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -468,9 +497,6 @@ def main(argv: list[str] | None = None) -> int:
         log.append(f"provider {p}: not available in this onnxruntime build (have {', '.join(have)})")
     providers = [p for p in providers if p in have]
 
-    print("measuring memory bandwidth ...", file=sys.stderr)
-    membw = memory_bandwidth(int(args.membw_gib * (1 << 30))) if args.membw_gib > 0 else {}
-
     build_s = 0.0
     if args.model:
         models = [ModelChoice(args.model.name, args.model.resolve(), "--model")]
@@ -508,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                 r, info = run_model(m, prov, args, bar, log)
                 rows.extend(r)
                 infos.append(info)
+    # after the models, so that the bandwidth test's arrays do not count in their peak RSS
+    print("measuring memory bandwidth ...", file=sys.stderr)
+    membw = memory_bandwidth(int(args.membw_gib * (1 << 30))) if args.membw_gib > 0 else {}
     wall_s = time.perf_counter() - t_start
 
     table = markdown_table(rows)
@@ -516,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if membw:
         print(
-            f"memory bandwidth (numpy, {membw['bytes'] / 2**30:.0f} GiB array, median of 5): "
+            f"memory bandwidth (numpy, {membw['bytes'] / 2**30:.3g} GiB array, median of 5): "
             f"read {membw['read_1t']:.1f} GB/s (1 thread), "
             f"{membw['read_nt']:.1f} GB/s ({membw['threads']} threads); "
             f"copy {membw['copy_1t']:.1f} GB/s (read+write, 1 thread)"
@@ -541,6 +570,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.overhead_us:.1f} µs "
                 f"(step {r.p50_ms * 1e3:.1f} µs p50, inside run_with_iobinding {r.in_run_us:.1f} µs)"
             )
+    contended = [r for r in rows if r.cpu_share < CONTENDED]
+    if contended:
+        print(
+            f"warning: {len(contended)} of {len(rows)} rows got under {100 * CONTENDED:.0f}% of their "
+            "threads' CPU time (column CPU %): other processes shared the cores and inflated those "
+            "timings (ratios too, where the contention hit one engine's runs more than another's); "
+            "rerun when the machine is quiet"
+        )
     if not any(b != 1 for b in batches):
         print("batch: 1 only (batch > 1 awaits the engine's batch support)")
     for line in log:

@@ -1,0 +1,148 @@
+"""Attention mask and position ids of the decode loop: compiled kernels with a numpy reference of each.
+
+Layout. A batch of prompts is left-padded into ``width`` columns: row ``b`` holds its ``lengths[b]``
+tokens in the last ``lengths[b]`` columns. The mask is 0 on padding and 1 on tokens; positions count
+from the row's first token (0, 1, ...) and are 0 on padding (those columns are masked, any in-range
+value would do). Each decode step appends one column: the engine keeps a static
+``(batch, max_length)`` mask, binds a view of the current width, and calls :func:`advance`, which
+marks the new column (0 for finished rows), writes the new token's position and counts it.
+
+Arrays are int32 or int64 (each may differ), written in place, with contiguous rows; views of wider
+buffers are fine. The compiled kernels (``engine._kernels.masks``) are used when built; otherwise
+the numpy references below run, after one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+try:
+    from engine._kernels import masks as _ckernels
+except ImportError:  # the extension is not built: the numpy reference takes over (with one warning)
+    _ckernels = None
+
+__all__ = ["advance", "prepare_left_padded", "ref_advance", "ref_prepare_left_padded"]
+
+
+def _int_array(a: np.ndarray, name: str, ndim: int) -> None:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if a.dtype not in (np.int32, np.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {a.dtype}")
+
+
+def ref_prepare_left_padded(
+    lengths: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None = None
+) -> None:
+    """numpy reference of :func:`prepare_left_padded`."""
+    _int_array(lengths, "lengths", 1)
+    _int_array(attention_mask, "attention_mask", 2)
+    batch, width = attention_mask.shape
+    if lengths.shape[0] != batch:
+        raise ValueError(f"lengths has {lengths.shape[0]} rows, attention_mask {batch}")
+    if position_ids is not None:
+        _int_array(position_ids, "position_ids", 2)
+        if position_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"position_ids shape {position_ids.shape} differs from attention_mask shape "
+                f"{attention_mask.shape}"
+            )
+    for b, n in enumerate(lengths.tolist()):
+        if not 0 <= n <= width:
+            raise ValueError(f"lengths[{b}] = {n} is outside [0, {width}] (the mask width)")
+    cols = np.arange(width)
+    pad = width - lengths.astype(np.int64)[:, None]  # (batch, 1)
+    attention_mask[...] = cols >= pad
+    if position_ids is not None:
+        position_ids[...] = np.maximum(cols - pad, 0)
+
+
+def ref_advance(
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray | None,
+    lengths: np.ndarray,
+    finished: np.ndarray,
+    column: int = -1,
+) -> None:
+    """numpy reference of :func:`advance`."""
+    _int_array(attention_mask, "attention_mask", 2)
+    _int_array(lengths, "lengths", 1)
+    batch, width = attention_mask.shape
+    if not isinstance(finished, np.ndarray) or finished.dtype not in (np.uint8, np.bool_):
+        raise ValueError("finished must be a uint8 or bool numpy array")
+    if lengths.shape[0] != batch or finished.shape != (batch,):
+        raise ValueError(
+            f"lengths ({lengths.shape[0]}) and finished ({finished.shape[0]}) must have one entry "
+            f"per attention_mask row ({batch})"
+        )
+    if position_ids is not None:
+        _int_array(position_ids, "position_ids", 2)
+        if position_ids.shape != (batch, 1):
+            raise ValueError(f"position_ids must have shape ({batch}, 1), got {position_ids.shape}")
+    cols = np.full(batch, column, np.int64) if column >= 0 else lengths.astype(np.int64)
+    for b, col in enumerate(cols.tolist()):
+        if not 0 <= col < width:
+            raise ValueError(
+                f"row {b}: column {col} is outside the attention mask's {width} columns "
+                f"(the sequence would exceed max_length)"
+            )
+    live = finished == 0
+    attention_mask[np.arange(batch), cols] = live
+    if position_ids is not None:
+        position_ids[live, 0] = lengths[live]
+    lengths[live] += 1
+
+
+_fallback_warned = False
+
+
+def _warn_fallback() -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            "engine._kernels.masks is not built; mask updates fall back to numpy "
+            "(build it with `python setup.py build_ext --inplace`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _numpy_prepare_left_padded(
+    lengths: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None = None
+) -> None:
+    """Fill the mask (0 padding, 1 tokens) and positions (0 on padding, then 0, 1, ...) in place.
+
+    lengths: (batch,); attention_mask and position_ids: (batch, width); row b's prompt is in its last
+    lengths[b] columns.
+    """
+    _warn_fallback()
+    ref_prepare_left_padded(lengths, attention_mask, position_ids)
+
+
+def _numpy_advance(
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray | None,
+    lengths: np.ndarray,
+    finished: np.ndarray,
+    column: int = -1,
+) -> None:
+    """One decode step in place: unfinished rows get mask[b, col] = 1, position lengths[b], lengths + 1.
+
+    Finished rows get mask[b, col] = 0 only. column -1: each row's column is lengths[b].
+    """
+    _warn_fallback()
+    ref_advance(attention_mask, position_ids, lengths, finished, column)
+
+
+if _ckernels is not None:
+    # the compiled functions themselves, so the decode loop pays no extra Python call
+    prepare_left_padded = _ckernels.prepare_left_padded
+    advance = _ckernels.advance
+else:
+    prepare_left_padded = _numpy_prepare_left_padded
+    advance = _numpy_advance

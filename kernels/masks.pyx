@@ -1,0 +1,214 @@
+# Attention-mask and position-id kernels for the decode loop, int32 or int64 arrays (fused types).
+#
+# engine/masks.py documents the layout and holds the numpy reference of each kernel. The def wrappers
+# check shapes, dtypes and ranges with the GIL (nothing is written when a check fails), then run the
+# loops without it. Directives are set once in setup.py.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks
+
+cdef inline bint _is_int64(cnp.ndarray a, str name) except -1:
+    """True for int64, False for int32; ValueError for anything else."""
+    if cnp.PyArray_ISSIGNED(a) and cnp.PyArray_ITEMSIZE(a) in (4, 8):
+        return cnp.PyArray_ITEMSIZE(a) == 8
+    raise ValueError(f"{name} must be int32 or int64, got {a.dtype}")
+
+
+cdef inline cnp.ndarray _array(object obj, str name, int ndim, bint writeable):
+    if not cnp.PyArray_Check(obj):
+        raise TypeError(f"{name} must be a numpy array, got {type(obj).__name__}")
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    if cnp.PyArray_NDIM(a) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {(<object>a).shape}")
+    if (not cnp.PyArray_ISALIGNED(a) or not cnp.PyArray_ISNOTSWAPPED(a)
+            or (cnp.PyArray_DIMS(a)[ndim - 1] > 1
+                and cnp.PyArray_STRIDES(a)[ndim - 1] != cnp.PyArray_ITEMSIZE(a))):
+        raise ValueError(f"{name} must be aligned, in native byte order, with contiguous rows")
+    if writeable and not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{name} must be writeable")
+    return a
+
+
+cdef inline Py_ssize_t _row_stride(cnp.ndarray a) noexcept:
+    """Distance between rows in elements (a is 2-D with contiguous rows)."""
+    return cnp.PyArray_STRIDES(a)[0] // cnp.PyArray_ITEMSIZE(a)
+
+
+cdef inline int64_t _get(const void* p, bint is64, Py_ssize_t i) noexcept nogil:
+    return (<const int64_t*>p)[i] if is64 else (<const int32_t*>p)[i]
+
+
+# ----------------------------------------------------------------------------------------------------
+# prepare_left_padded
+
+cdef void _left_padded_mask(index_t* mask, Py_ssize_t stride, Py_ssize_t batch, Py_ssize_t width,
+                            const void* lengths, bint len64) noexcept nogil:
+    cdef Py_ssize_t b, j, pad
+    cdef index_t* row
+    for b in range(batch):
+        row = mask + b * stride
+        pad = width - _get(lengths, len64, b)
+        for j in range(pad):
+            row[j] = 0
+        for j in range(pad, width):
+            row[j] = 1
+
+
+cdef void _left_padded_positions(index_t* pos, Py_ssize_t stride, Py_ssize_t batch, Py_ssize_t width,
+                                 const void* lengths, bint len64) noexcept nogil:
+    cdef Py_ssize_t b, j, pad
+    cdef index_t* row
+    for b in range(batch):
+        row = pos + b * stride
+        pad = width - _get(lengths, len64, b)
+        for j in range(pad):
+            row[j] = 0
+        for j in range(pad, width):
+            row[j] = <index_t>(j - pad)
+
+
+def prepare_left_padded(lengths, attention_mask, position_ids=None):
+    """Fill the mask and positions of a left-padded batch of prompts, in place.
+
+    lengths: (batch,) int32/int64, row b's prompt has lengths[b] tokens in the last lengths[b] of the
+    `width` columns (0 <= lengths[b] <= width). attention_mask: (batch, width) int32/int64 with
+    contiguous rows (a view of a wider buffer is fine): 0 on padding, 1 on tokens. position_ids:
+    (batch, width) int32/int64 or None: 0 on padding, 0, 1, ... from the first token on.
+    """
+    cdef cnp.ndarray ln = _array(lengths, "lengths", 1, False)
+    cdef cnp.ndarray mk = _array(attention_mask, "attention_mask", 2, True)
+    cdef cnp.ndarray ps
+    cdef bint len64 = _is_int64(ln, "lengths")
+    cdef bint mask64 = _is_int64(mk, "attention_mask")
+    cdef bint pos64 = False
+    cdef Py_ssize_t batch = cnp.PyArray_DIMS(mk)[0], width = cnp.PyArray_DIMS(mk)[1]
+    cdef Py_ssize_t b
+    cdef int64_t n
+    if cnp.PyArray_DIMS(ln)[0] != batch:
+        raise ValueError(f"lengths has {ln.shape[0]} rows, attention_mask {batch}")
+    if position_ids is not None:
+        ps = _array(position_ids, "position_ids", 2, True)
+        pos64 = _is_int64(ps, "position_ids")
+        if cnp.PyArray_DIMS(ps)[0] != batch or cnp.PyArray_DIMS(ps)[1] != width:
+            raise ValueError(f"position_ids shape {(<object>ps).shape} differs from attention_mask "
+                             f"shape {(<object>mk).shape}")
+    cdef const void* lp = cnp.PyArray_DATA(ln)
+    for b in range(batch):
+        n = _get(lp, len64, b)
+        if n < 0 or n > width:
+            raise ValueError(f"lengths[{b}] = {n} is outside [0, {width}] (the mask width)")
+    cdef void* mp = cnp.PyArray_DATA(mk)
+    cdef Py_ssize_t ms = _row_stride(mk)
+    cdef void* pp = NULL
+    cdef Py_ssize_t pst = 0
+    if position_ids is not None:
+        pp = cnp.PyArray_DATA(ps)
+        pst = _row_stride(ps)
+    with nogil:
+        if mask64:
+            _left_padded_mask(<int64_t*>mp, ms, batch, width, lp, len64)
+        else:
+            _left_padded_mask(<int32_t*>mp, ms, batch, width, lp, len64)
+        if pp != NULL:
+            if pos64:
+                _left_padded_positions(<int64_t*>pp, pst, batch, width, lp, len64)
+            else:
+                _left_padded_positions(<int32_t*>pp, pst, batch, width, lp, len64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# advance
+
+cdef void _advance_mask(index_t* mask, Py_ssize_t stride, Py_ssize_t batch, const void* lengths,
+                        bint len64, const uint8_t* finished, Py_ssize_t column) noexcept nogil:
+    cdef Py_ssize_t b, col
+    for b in range(batch):
+        col = column if column >= 0 else _get(lengths, len64, b)
+        mask[b * stride + col] = 0 if finished[b] else 1
+
+
+cdef void _advance_positions(index_t* pos, Py_ssize_t stride, Py_ssize_t batch, const void* lengths,
+                             bint len64, const uint8_t* finished) noexcept nogil:
+    cdef Py_ssize_t b
+    for b in range(batch):
+        if not finished[b]:
+            pos[b * stride] = <index_t>_get(lengths, len64, b)
+
+
+cdef void _advance_lengths(index_t* lengths, Py_ssize_t batch, const uint8_t* finished) noexcept nogil:
+    cdef Py_ssize_t b
+    for b in range(batch):
+        if not finished[b]:
+            lengths[b] += 1
+
+
+def advance(attention_mask, position_ids, lengths, finished, Py_ssize_t column=-1):
+    """One decode step, in place: for every row b not finished, the token fed next is counted.
+
+    attention_mask: (batch, max_length) int32/int64 with contiguous rows. position_ids: (batch, 1)
+    int32/int64 or None. lengths: (batch,) int32/int64, tokens each row holds so far (padding not
+    counted). finished: (batch,) uint8 or bool. column: the mask column of the new token; -1 (default)
+    means column lengths[b] of each row (unpadded rows); a left-padded batch passes its common width.
+
+    Unfinished rows: mask[b, col] = 1, position_ids[b, 0] = lengths[b], lengths[b] += 1. Finished rows:
+    mask[b, col] = 0, nothing else changes. Raises ValueError, writing nothing, when a column falls
+    outside the mask.
+    """
+    cdef cnp.ndarray mk = _array(attention_mask, "attention_mask", 2, True)
+    cdef cnp.ndarray ln = _array(lengths, "lengths", 1, True)
+    cdef cnp.ndarray fin = _array(finished, "finished", 1, False)
+    cdef cnp.ndarray ps
+    cdef bint mask64 = _is_int64(mk, "attention_mask")
+    cdef bint len64 = _is_int64(ln, "lengths")
+    cdef bint pos64 = False
+    cdef Py_ssize_t batch = cnp.PyArray_DIMS(mk)[0], width = cnp.PyArray_DIMS(mk)[1]
+    cdef Py_ssize_t b, col
+    if cnp.PyArray_TYPE(fin) != cnp.NPY_UINT8 and cnp.PyArray_TYPE(fin) != cnp.NPY_BOOL:
+        raise ValueError(f"finished must be uint8 or bool, got {fin.dtype}")
+    if cnp.PyArray_DIMS(ln)[0] != batch or cnp.PyArray_DIMS(fin)[0] != batch:
+        raise ValueError(f"lengths ({ln.shape[0]}) and finished ({fin.shape[0]}) must have one entry "
+                         f"per attention_mask row ({batch})")
+    if position_ids is not None:
+        ps = _array(position_ids, "position_ids", 2, True)
+        pos64 = _is_int64(ps, "position_ids")
+        if cnp.PyArray_DIMS(ps)[0] != batch or cnp.PyArray_DIMS(ps)[1] != 1:
+            raise ValueError(f"position_ids must have shape ({batch}, 1), got {(<object>ps).shape}")
+    cdef void* lp = cnp.PyArray_DATA(ln)
+    for b in range(batch):
+        col = column if column >= 0 else _get(lp, len64, b)
+        if col < 0 or col >= width:
+            raise ValueError(f"row {b}: column {col} is outside the attention mask's {width} columns "
+                             f"(the sequence would exceed max_length)")
+    cdef void* mp = cnp.PyArray_DATA(mk)
+    cdef Py_ssize_t ms = _row_stride(mk)
+    cdef const uint8_t* fp = <const uint8_t*>cnp.PyArray_DATA(fin)
+    cdef void* pp = NULL
+    cdef Py_ssize_t pst = 0
+    if position_ids is not None:
+        pp = cnp.PyArray_DATA(ps)
+        pst = _row_stride(ps)
+    with nogil:
+        if mask64:
+            _advance_mask(<int64_t*>mp, ms, batch, lp, len64, fp, column)
+        else:
+            _advance_mask(<int32_t*>mp, ms, batch, lp, len64, fp, column)
+        if pp != NULL:
+            if pos64:
+                _advance_positions(<int64_t*>pp, pst, batch, lp, len64, fp)
+            else:
+                _advance_positions(<int32_t*>pp, pst, batch, lp, len64, fp)
+        if len64:
+            _advance_lengths(<int64_t*>lp, batch, fp)
+        else:
+            _advance_lengths(<int32_t*>lp, batch, fp)
