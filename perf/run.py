@@ -4,12 +4,12 @@
     .venv/bin/python -m perf.run --model DIR --prompts 16,128 --reps 5
     .venv/bin/python -m perf.run --layers 32 --vocab 200064  # full-size synthetic Phi-4-mini
 
-For every model, provider and prompt length, the engines run the same greedy request of exactly
-``new`` tokens in turn (engine, plain, genai, engine, plain, genai, ...) for ``--reps``
-repetitions after a warm-up; the table shows medians and same-run ratios. Then each engine runs
-the request once more with every step timed (per-token latency percentiles and the time spent
-outside ``session.run``). Results go to stdout (markdown), ``perf/results/<date>-<host>.json``
-and PNG plots beside it.
+For every model, provider and prompt length, each engine first runs the greedy request of exactly
+``new`` tokens once with every step timed (per-token latency percentiles, the time spent outside
+``session.run``; it also warms that prompt length), then the engines run it in turn (engine,
+plain, genai, engine, plain, genai, ...) for ``--reps`` timed repetitions; the table shows
+medians and same-run paired ratios. Results go to stdout (markdown),
+``perf/results/<date>-<host>.json`` and PNG plots beside it.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Row:
     overhead_us: float | None  # median per-token step wall time minus time inside session.run*
     in_run_us: float | None
     kv_bytes: int
-    rss_bytes: int  # resident memory this engine added (load + warm-up)
+    rss_bytes: int  # resident memory this engine added (load, then growth during its own runs)
     cpu_share: float  # median over reps of process CPU time / (wall x threads); ~1 when uncontended
     weights_gb_s: float  # weight_bytes x decode tok/s
     read_gb_s: float  # bytes actually read per token (embedding table: one row) x decode tok/s
@@ -212,25 +212,24 @@ def make_runners(
 
 
 def warm_up(runners: list[Runner], cells: list[Cell], vocab: int, rss: dict[str, int]) -> None:
-    """Each engine: once at the longest prompt (sizes ORT's arenas), once at the shortest."""
-    longest = max(cells, key=lambda c: c.prompt)
+    """Each engine once at the shortest prompt (first-run costs). Each cell's instrumented requests
+    run before its timed repetitions and warm that prompt length (ORT's arenas grow to it)."""
     shortest = min(cells, key=lambda c: c.prompt)
     for r in runners:
-        before = rss[r.name]
-        start = rss_bytes()
-        r.run(prompt_ids(longest.prompt, vocab), min(4, longest.new))
-        r.run(prompt_ids(shortest.prompt, vocab), min(32, shortest.new))
-        rss[r.name] = before + rss_bytes() - start
+        _measured(r, r.run, prompt_ids(shortest.prompt, vocab), min(32, shortest.new), rss)
 
 
-def _with_cpu_share(r: Runner, fn, ids: np.ndarray, n: int) -> Sample:
-    """Run ``fn(ids, n)`` and record the CPU share it got: process CPU time / (wall x threads).
+def _measured(r: Runner, fn, ids: np.ndarray, n: int, rss: dict[str, int]) -> Sample:
+    """Run ``fn(ids, n)``; record the CPU share it got and add the resident memory it grew to ``rss``.
 
-    ORT's workers spin, so an uncontended run shows ~1.0; well below (0.6) means other processes
-    took the cores during the run and its timings are inflated."""
+    CPU share = process CPU time / (wall x threads). ORT's workers spin, so an uncontended run
+    shows ~1.0; well below (0.6) means other processes took the cores during the run and its
+    timings are inflated."""
+    m = rss_bytes()
     t, c = time.perf_counter(), time.process_time()
     sample = fn(ids, n)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
+    rss[r.name] = rss.get(r.name, 0) + max(0, rss_bytes() - m)
     sample.extra["cpu_share"] = cpu / (wall * r.threads) if wall > 0 else float("nan")
     return sample
 
@@ -295,15 +294,15 @@ def run_model(
     for cell in cells:
         ids = prompt_ids(cell.prompt, spec.vocab_size)
         bar.set_description(f"{model.name}/{provider} p={cell.prompt}")
+        inst: dict[str, Sample] = {}
+        for r in runners:  # first: per-step timings, and the warm-up of this prompt length
+            inst[r.name] = _measured(r, r.run_instrumented, ids, cell.new, rss)
+            bar.update(1)
         timed: dict[str, list[Sample]] = {r.name: [] for r in runners}
         for _ in range(args.reps):
             for r in runners:  # interleaved: A, B, C, A, B, C, ...
-                timed[r.name].append(_with_cpu_share(r, r.run, ids, cell.new))
+                timed[r.name].append(_measured(r, r.run, ids, cell.new, rss))
                 bar.update(1)
-        inst: dict[str, Sample] = {}
-        for r in runners:
-            inst[r.name] = _with_cpu_share(r, r.run_instrumented, ids, cell.new)
-            bar.update(1)
         ref = timed.get("plain", [None])[0]
         for r in runners:
             s = timed[r.name]
