@@ -12,10 +12,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnxruntime as ort
 
 from .config import KVLayout, ModelSpec
+
+if TYPE_CHECKING:
+    from .binding import FastBinding
 
 
 class StaticKVCache:
@@ -36,16 +41,16 @@ class StaticKVCache:
             ]
         self.nbytes = len(self.names) * int(np.prod(shape)) * spec.kv_dtype.itemsize
 
-    def bind(self, io: ort.IOBinding) -> None:
+    def bind(self, bind: FastBinding, outputs_before: int = 0) -> None:
         """Bind every buffer as both past input and present output (done once)."""
         for (past, present), value in zip(self.names, self.values, strict=True):
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)
+            bind.bind_input(past, bind.value(value))
+            bind.bind_output(present, bind.value(value))
 
-    def start(self, io: ort.IOBinding) -> None:
+    def start(self, bind: FastBinding) -> None:
         """Nothing to reset: the attention mask, not the buffer contents, says which rows are valid."""
 
-    def advance(self, io: ort.IOBinding) -> None:
+    def advance(self, bind: FastBinding) -> None:
         """Nothing to do: the kernel wrote the new rows in place."""
 
 
@@ -65,28 +70,29 @@ class GrowingKVCache:
         self.bytes_per_token = spec.kv_bytes_per_token * batch
         self.nbytes = 0  # grows with the sequence; reported per step by the engine
 
-    def bind(self, io: ort.IOBinding, outputs_before: int) -> None:
+    def bind(self, bind: FastBinding, outputs_before: int = 0) -> None:
         """Bind the empty past and let ORT allocate the presents; ``outputs_before`` outputs are bound already."""
         self._first_present = outputs_before
-        self.start(io)
+        self._pairs = list(enumerate(self.past_names, start=outputs_before))
+        self._empty_handles = [bind.value(v) for v in self._empty_values]
+        self.start(bind)
 
-    def start(self, io: ort.IOBinding) -> None:
+    def start(self, bind: FastBinding) -> None:
         """Start a new sequence: empty past, presents allocated by ORT."""
-        for name, value in zip(self.past_names, self._empty_values, strict=True):
-            io.bind_ortvalue_input(name, value)
-        self._bind_presents(io)
+        for name, handle in zip(self.past_names, self._empty_handles, strict=True):
+            bind.bind_input(name, handle)
+        self._bind_presents(bind)
 
-    def _bind_presents(self, io: ort.IOBinding) -> None:
+    def _bind_presents(self, bind: FastBinding) -> None:
         for name in self.present_names:
-            io.bind_output(name, self.device)
+            bind.bind_output_device(name, self.device)
 
-    def advance(self, io: ort.IOBinding) -> None:
+    def advance(self, bind: FastBinding) -> None:
         """Hand this step's presents to the next step as past (device OrtValues, no copy)."""
-        outputs = io.get_outputs()
-        first = self._first_present
-        for i, name in enumerate(self.past_names):
-            io.bind_ortvalue_input(name, outputs[first + i])
-        self._bind_presents(io)
+        outputs = bind.outputs()
+        for index, name in self._pairs:
+            bind.bind_input(name, outputs[index])
+        self._bind_presents(bind)
 
 
 def make_kv_cache(spec: ModelSpec, batch: int, max_length: int, device: str = "cpu"):
