@@ -124,9 +124,7 @@ def _check_messages(messages: object) -> list[dict[str, str]]:
     checked = []
     for k, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise InvalidRequestError(
-                f"messages[{k}] must be a dict with role and content, got {type(m).__name__}"
-            )
+            raise InvalidRequestError(f"messages[{k}] must be a dict with role and content, got {type(m).__name__}")
         unknown = set(m) - {"role", "content"}
         if unknown:
             raise InvalidRequestError(
@@ -134,9 +132,7 @@ def _check_messages(messages: object) -> list[dict[str, str]]:
             )
         role, content = m.get("role"), m.get("content")
         if role not in _ROLES:
-            raise InvalidRequestError(
-                f"messages[{k}]['role'] must be one of {', '.join(_ROLES)}; got {role!r}"
-            )
+            raise InvalidRequestError(f"messages[{k}]['role'] must be one of {', '.join(_ROLES)}; got {role!r}")
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{k}]['content'] must be a str, got {type(content).__name__}")
         checked.append({"role": role, "content": content})
@@ -183,6 +179,4 @@ def render_chat(
     except SecurityError as e:
         raise ModelLoadError(f"the chat template tried an operation the sandbox forbids: {e}") from e
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
-        raise InvalidRequestError(
-            f"the chat template failed on this conversation: {type(e).__name__}: {e}"
-        ) from e
+        raise InvalidRequestError(f"the chat template failed on this conversation: {type(e).__name__}: {e}") from e

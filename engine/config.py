@@ -264,7 +264,11 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
     head_size = _get(dec, "head_size", int, cfg_path, "model.decoder.")
     n_heads = _opt_int(dec, "num_attention_heads", cfg_path, "model.decoder.")
     hidden = _opt_int(dec, "hidden_size", cfg_path, "model.decoder.")
-    for key, v in (("num_hidden_layers", n_layers), ("num_key_value_heads", kv_heads), ("head_size", head_size)):
+    for key, v in (
+        ("num_hidden_layers", n_layers),
+        ("num_key_value_heads", kv_heads),
+        ("head_size", head_size),
+    ):
         if v <= 0:
             raise _err(cfg_path, f"model.decoder.{key} must be positive, found {v}")
 
@@ -277,13 +281,14 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
 
     if "past_names" in inputs or "present_names" in outputs:
         past = _layer_names(inputs.get("past_names", "past_%d"), n_layers, cfg_path, "inputs.past_names")
-        present = _layer_names(
-            outputs.get("present_names", "present_%d"), n_layers, cfg_path, "outputs.present_names"
-        )
+        present = _layer_names(outputs.get("present_names", "present_%d"), n_layers, cfg_path, "outputs.present_names")
         combined = True
     else:
         pk = _layer_names(
-            inputs.get("past_key_names", "past_key_values.%d.key"), n_layers, cfg_path, "inputs.past_key_names"
+            inputs.get("past_key_names", "past_key_values.%d.key"),
+            n_layers,
+            cfg_path,
+            "inputs.past_key_names",
         )
         pv = _layer_names(
             inputs.get("past_value_names", "past_key_values.%d.value"),
@@ -292,7 +297,10 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
             "inputs.past_value_names",
         )
         ok = _layer_names(
-            outputs.get("present_key_names", "present.%d.key"), n_layers, cfg_path, "outputs.present_key_names"
+            outputs.get("present_key_names", "present.%d.key"),
+            n_layers,
+            cfg_path,
+            "outputs.present_key_names",
         )
         ov = _layer_names(
             outputs.get("present_value_names", "present.%d.value"),
@@ -446,7 +454,9 @@ def _finish_spec(
     kv_info = graph.inputs[past[0]]
     kv_dtype = kv_info.dtype
     if kv_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
-        raise UnsupportedModelError(f"{model_path}: KV input '{past[0]}' has dtype {kv_dtype}; float32/float16 expected")
+        raise UnsupportedModelError(
+            f"{model_path}: KV input '{past[0]}' has dtype {kv_dtype}; float32/float16 expected"
+        )
     rank = 5 if combined else 4
     if len(kv_info.shape) != rank:
         raise UnsupportedModelError(

@@ -193,9 +193,7 @@ class Engine:
         self.session = create_session(model, self.provider, so)
         self.threads = so.intra_op_num_threads
         self.last_token_logits = edited
-        self._state = StepState(
-            self.session, spec, batch=1, max_length=self.max_length, last_token_logits=edited
-        )
+        self._state = StepState(self.session, spec, batch=1, max_length=self.max_length, last_token_logits=edited)
         self._sampler = Sampler(1, spec.vocab_size, impl=sampler_impl)
         self._out_ids = np.zeros(self.max_length, dtype=np.int64)  # (max_length,) new token ids of a request
         self._lock = threading.Lock()
@@ -257,13 +255,12 @@ class Engine:
             bad = next((t for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool)), None)
             if bad is not None:
                 raise InvalidRequestError(
-                    f"token ids must be ints, found {bad!r} ({type(bad).__name__}); batched prompts are not supported yet"
+                    f"token ids must be ints, found {bad!r} ({type(bad).__name__}); "
+                    "batched prompts are not supported yet"
                 )
             ids = np.asarray(prompt, dtype=np.int64)
         else:
-            raise InvalidRequestError(
-                f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"
-            )
+            raise InvalidRequestError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if ids.size == 0:
             raise InvalidRequestError("prompt has no tokens; give at least one token id")
         vocab = self.spec.vocab_size
@@ -286,7 +283,8 @@ class Engine:
         unknown = set(sampling) - _SAMPLING_KEYS
         if unknown:
             raise InvalidRequestError(
-                f"unknown argument(s) {', '.join(sorted(unknown))}; sampling arguments are {', '.join(sorted(_SAMPLING_KEYS))}"
+                f"unknown argument(s) {', '.join(sorted(unknown))}; "
+                f"sampling arguments are {', '.join(sorted(_SAMPLING_KEYS))}"
             )
         ids = self._prompt_ids(prompt)
         tokenize_s = time.perf_counter() - t_start
@@ -352,7 +350,9 @@ class Engine:
             if want_logprobs:
                 logprobs.append(float(sampler.logprobs[0]))
                 k = req.params.logprobs or 0
-                top.append({int(i): float(v) for i, v in zip(sampler.top_ids[0, :k], sampler.top_logprobs[0, :k])})
+                top.append(
+                    {int(i): float(v) for i, v in zip(sampler.top_ids[0, :k], sampler.top_logprobs[0, :k], strict=True)}
+                )
             if req.detok is not None:
                 piece, stopped = self._text_of(req, tok, last)
                 if stopped:

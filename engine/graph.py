@@ -82,4 +82,3 @@ def load_for_generation(model_path: Path, logits_name: str, last_token_logits: b
     if not slice_logits_to_last_token(model, logits_name):
         return str(model_path), False
     return model.SerializeToString(), True
-

@@ -48,8 +48,7 @@ def ref_prepare_left_padded(
         _int_array(position_ids, "position_ids", 2)
         if position_ids.shape != attention_mask.shape:
             raise ValueError(
-                f"position_ids shape {position_ids.shape} differs from attention_mask shape "
-                f"{attention_mask.shape}"
+                f"position_ids shape {position_ids.shape} differs from attention_mask shape {attention_mask.shape}"
             )
     for b, n in enumerate(lengths.tolist()):
         if not 0 <= n <= width:

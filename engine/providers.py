@@ -126,7 +126,10 @@ def session_options(
 
 
 def create_session(
-    model: str | bytes, provider: str, so: ort.SessionOptions, provider_options: Mapping[str, Any] | None = None
+    model: str | bytes,
+    provider: str,
+    so: ort.SessionOptions,
+    provider_options: Mapping[str, Any] | None = None,
 ) -> ort.InferenceSession:
     """Create the InferenceSession, turning ORT's load failures into ModelLoadError."""
     providers: list[Any] = [(provider, dict(provider_options or {}))]

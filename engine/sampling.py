@@ -194,9 +194,7 @@ class SamplingParams:
                     raise _bad(f"logit_bias[{tok}]", bias, "a finite number")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise _bad("seed", self.seed, "None or an integer in [0, 2**64)")
-        if self.logprobs is not None and (
-            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise _bad("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
 
     @classmethod
@@ -509,8 +507,7 @@ class Sampler:
             raise ValueError(f"impl must be 'auto', 'cython' or 'numpy', got {impl!r}")
         if impl == "cython" and _ckernels is None:
             raise ImportError(
-                "impl='cython' but engine._kernels.sampling is not built "
-                "(run `python setup.py build_ext --inplace`)"
+                "impl='cython' but engine._kernels.sampling is not built (run `python setup.py build_ext --inplace`)"
             )
         if impl == "auto":
             impl = "cython" if _ckernels is not None else "numpy"
@@ -540,9 +537,7 @@ class Sampler:
         else:
             self._sample = self._sample_numpy
 
-    def reset(
-        self, params: SamplingParams | Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]]
-    ) -> None:
+    def reset(self, params: SamplingParams | Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]]) -> None:
         """Start a request: one row per prompt; ``params`` shared by all rows or one per row.
 
         Raises InvalidRequestError (state untouched) on a bad parameter or prompt. A shared seed gives
@@ -563,12 +558,8 @@ class Sampler:
         prompts = []
         for i, ids in enumerate(prompt_ids):
             a = np.asarray(ids)
-            if a.ndim != 1 or (
-                a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)
-            ):
-                raise InvalidRequestError(
-                    f"prompt_ids[{i}] must be a sequence of token ids in [0, {self.vocab_size})"
-                )
+            if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)):
+                raise InvalidRequestError(f"prompt_ids[{i}] must be a sequence of token ids in [0, {self.vocab_size})")
             prompts.append(a.astype(np.int64, copy=False))
         configs = [_RowConfig.from_params(p, self.vocab_size) for p in per_row]
         configs += [_RowConfig()] * (self.batch_size - n)
@@ -648,9 +639,7 @@ def _check_call(logits: np.ndarray, out: np.ndarray, rows: int | None, vocab: in
     if not 0 <= n <= min(logits.shape[0], batch):
         raise ValueError(f"rows must be in [0, {min(logits.shape[0], batch)}], got {rows}")
     if out.dtype not in (np.int64, np.int32) or out.ndim != 1 or not out.flags.writeable:
-        raise ValueError(
-            f"out must be a writeable 1-D int64 or int32 array, got {out.dtype} with shape {out.shape}"
-        )
+        raise ValueError(f"out must be a writeable 1-D int64 or int32 array, got {out.dtype} with shape {out.shape}")
     if out.shape[0] < n:
         raise ValueError(f"out has {out.shape[0]} entries, fewer than the {n} rows to sample")
 

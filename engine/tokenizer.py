@@ -94,9 +94,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """:meth:`encode` of each text (one call into the backend for the whole batch)."""
         if isinstance(texts, str):
-            raise InvalidRequestError(
-                "encode_batch takes a sequence of strings, not one string; use encode()"
-            )
+            raise InvalidRequestError("encode_batch takes a sequence of strings, not one string; use encode()")
         texts = list(texts)
         for t in texts:
             _check_text(t)
@@ -126,9 +124,7 @@ class Tokenizer:
     def id_to_piece(self, id: int) -> str:
         """The vocabulary string of one id (``▁Once``, ``<0x0A>``, ``<|end|>``)."""
         if not 0 <= id < self.vocab_size:
-            raise InvalidRequestError(
-                f"token id {id} is outside this tokenizer's vocabulary [0, {self.vocab_size})"
-            )
+            raise InvalidRequestError(f"token id {id} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
         return self._backend_piece(int(id))
 
     # -- backend hooks ------------------------------------------------------------------------
@@ -309,9 +305,7 @@ class SentencePieceTokenizer(Tokenizer):
         )
         self._no_prefix_sp: Any = None  # processor without the dummy prefix, built on first need
         # Does sentencepiece drop the space of the first piece (add_dummy_prefix)? Ask it once.
-        first_ws = next(
-            (i for i in range(n) if self._pieces[i].startswith("\u2581") and self._plain(i)), None
-        )
+        first_ws = next((i for i in range(n) if self._pieces[i].startswith("\u2581") and self._plain(i)), None)
         self._strips_first_space = first_ws is not None and not sp.decode([first_ws]).startswith(" ")
 
     def _build_literals(self) -> dict[int, str]:
@@ -602,9 +596,7 @@ class IncrementalDetokenizer:
     _KEEP = 8  # ids of context kept when the window is cut
     _MAX = 24  # cut the window when it grows past this many ids
 
-    def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._hidden = tokenizer.special_ids if skip_special_tokens else frozenset()

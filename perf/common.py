@@ -127,9 +127,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory_bandwidth(
-    size_bytes: int = 1 << 30, reps: int = 5, threads: int | None = None
-) -> dict[str, float]:
+def memory_bandwidth(size_bytes: int = 1 << 30, reps: int = 5, threads: int | None = None) -> dict[str, float]:
     """Measured main-memory bandwidth in GB/s (1e9 bytes/s), medians of ``reps``.
 
     ``read_1t``: one thread summing a ``size_bytes`` float64 array; ``read_nt``: the array split
@@ -237,9 +235,7 @@ class EngineRunner(Runner):
 
     name = "engine"
 
-    def __init__(
-        self, model_dir: Path, provider: str, max_length: int, threads: int | None = None, **kw
-    ) -> None:
+    def __init__(self, model_dir: Path, provider: str, max_length: int, threads: int | None = None, **kw) -> None:
         from engine import Engine
 
         self.eng = Engine(model_dir, provider=provider, max_length=max_length, threads=threads, **kw)

@@ -52,23 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m perf.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="profile this model folder")
     p.add_argument("--tiny", action="store_true", help="profile the tiny model (stories260k) instead")
-    p.add_argument(
-        "--layers", type=int, default=4, help="layers of the synthetic Phi-4-mini model (default 4)"
-    )
-    p.add_argument(
-        "--vocab", type=int, default=DEFAULT_VOCAB, help=f"its vocabulary (default {DEFAULT_VOCAB})"
-    )
+    p.add_argument("--layers", type=int, default=4, help="layers of the synthetic Phi-4-mini model (default 4)")
+    p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help=f"its vocabulary (default {DEFAULT_VOCAB})")
     p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens (default 128)")
-    p.add_argument(
-        "--new-tokens", type=int, default=None, help="new tokens (default 32, or 256 on tiny models)"
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads (default: the engine's choice)"
-    )
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens (default 32, or 256 on tiny models)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's choice)")
     p.add_argument("--top", type=int, default=15, help="rows per table (default 15)")
-    p.add_argument(
-        "--out", type=Path, default=RESULTS_DIR, help="where the trace goes (default perf/results)"
-    )
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the trace goes (default perf/results)")
     return p.parse_args(argv)
 
 
@@ -218,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.new_tokens or (256 if tiny else 32)
     prompt = min(args.prompt, spec.context_length - n)
     if prompt < 1:
-        raise SystemExit(
-            f"--new-tokens {n} leaves no room for a prompt in context_length {spec.context_length}"
-        )
+        raise SystemExit(f"--new-tokens {n} leaves no room for a prompt in context_length {spec.context_length}")
     ids = prompt_ids(prompt, spec.vocab_size)
     print(f"profiling {model.name}: prompt {prompt}, {n} new tokens ...", file=sys.stderr)
 
@@ -257,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in py_sum["functions"]
     ]
     print(_table(["function", "calls/token", "own µs/token", "cumulative µs/token"], rows))
-    summary_path = Path(ort_sum["trace"]).with_name(
-        Path(ort_sum["trace"]).stem.replace("-ort-", "-") + ".json"
-    )
+    summary_path = Path(ort_sum["trace"]).with_name(Path(ort_sum["trace"]).stem.replace("-ort-", "-") + ".json")
     summary_path.write_text(
         json.dumps(
             {"model": model.name, "prompt": prompt, "new_tokens": n, "ort": ort_sum, "python": py_sum},

@@ -110,16 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m perf.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="run this model folder instead of the default two")
     p.add_argument("--models", default="tiny,phi4", help="default models to run: tiny,phi4 (default both)")
-    p.add_argument(
-        "--layers", type=int, default=4, help="layers of the synthetic Phi-4-mini model (default 4)"
-    )
-    p.add_argument(
-        "--vocab", type=int, default=DEFAULT_VOCAB, help=f"its vocabulary (default {DEFAULT_VOCAB})"
-    )
+    p.add_argument("--layers", type=int, default=4, help="layers of the synthetic Phi-4-mini model (default 4)")
+    p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help=f"its vocabulary (default {DEFAULT_VOCAB})")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="its context length (default 4096)")
-    p.add_argument(
-        "--prompts", default="16,128,512,1024", help="prompt lengths in tokens (clipped to context)"
-    )
+    p.add_argument("--prompts", default="16,128,512,1024", help="prompt lengths in tokens (clipped to context)")
     p.add_argument(
         "--new-tokens",
         type=int,
@@ -136,9 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--providers", default=None, help="cpu,cuda (default: every available one)")
     p.add_argument("--engines", default=",".join(ENGINES), help="engine,plain,genai (default all)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (default 3)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads (default: the engine's choice)"
-    )
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's choice)")
     p.add_argument("--membw-gib", type=float, default=1.0, help="array size of the bandwidth test (0: skip)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default perf/results)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -195,9 +187,7 @@ def make_runners(
                     import onnxruntime_genai as og
 
                     if not og.is_cuda_available():
-                        notes.append(
-                            "genai: this onnxruntime-genai build has no CUDA (onnxruntime-genai-cuda)"
-                        )
+                        notes.append("genai: this onnxruntime-genai build has no CUDA (onnxruntime-genai-cuda)")
                         continue
                 if not spec.has_genai_config:
                     notes.append(f"genai: {model.path} has no genai_config.json")
@@ -345,9 +335,7 @@ def run_model(
             if ref is not None and r.name != "plain":
                 row.tokens_match_plain = _match(s[0].tokens, ref.tokens, eos)
                 if not row.tokens_match_plain:
-                    log.append(
-                        f"{model.name}/{provider} p={cell.prompt}: {r.name} greedy tokens differ from plain's"
-                    )
+                    log.append(f"{model.name}/{provider} p={cell.prompt}: {r.name} greedy tokens differ from plain's")
             if r.name == "engine":
                 if "plain" in timed:
                     row.decode_x_plain = _paired_ratio(s, timed["plain"], "decode_tokens_per_s")
@@ -420,9 +408,7 @@ def plot(rows: list[Row], stem: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models, strict=True):
         for eng, prov in dict.fromkeys((r.engine, r.provider) for r in rows if r.model == m):
-            sel = sorted(
-                (r for r in rows if (r.model, r.engine, r.provider) == (m, eng, prov)), key=lambda r: r.prompt
-            )
+            sel = sorted((r for r in rows if (r.model, r.engine, r.provider) == (m, eng, prov)), key=lambda r: r.prompt)
             xs = [r.prompt for r in sel]
             ys = [r.decode_tok_s for r in sel]
             lo = [y - min(r.raw["decode_tokens_per_s"]) for y, r in zip(ys, sel, strict=True)]
@@ -450,11 +436,7 @@ def plot(rows: list[Row], stem: Path) -> list[Path]:
             for k, prov in enumerate(providers):
                 vals = [
                     next(
-                        (
-                            r.decode_tok_s
-                            for r in rows
-                            if (r.model, r.provider, r.engine, r.prompt) == (m, prov, e, p)
-                        ),
+                        (r.decode_tok_s for r in rows if (r.model, r.provider, r.engine, r.prompt) == (m, prov, e, p)),
                         0,
                     )
                     for e, p in keys

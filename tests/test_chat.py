@@ -24,10 +24,7 @@ def test_fallback_renders_phi4_format():
     assert text == "<|system|>You are terse.<|end|><|user|>Hi there<|end|><|assistant|>"
     assert render_chat(CONVERSATION[:2], PHI_FALLBACK_TEMPLATE) == text
     done = render_chat(CONVERSATION[:3], None, add_generation_prompt=False, eos_token="<|endoftext|>")
-    assert (
-        done
-        == "<|system|>You are terse.<|end|><|user|>Hi there<|end|><|assistant|>Hello.<|end|><|endoftext|>"
-    )
+    assert done == "<|system|>You are terse.<|end|><|user|>Hi there<|end|><|assistant|>Hello.<|end|><|endoftext|>"
 
 
 def test_phi3_template_renders_as_jinja_renders_it(phi3_tokenizer_dir):
@@ -65,9 +62,7 @@ def test_tiny_llama_template_from_tokenizer_config(tiny_llama_fp16):
 def test_template_raise_exception_is_a_clear_request_error(tiny_llama_fp16):
     template = load_chat_template(tiny_llama_fp16)
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(
-        InvalidRequestError, match="rejected the conversation: Conversation roles must alternate"
-    ):
+    with pytest.raises(InvalidRequestError, match="rejected the conversation: Conversation roles must alternate"):
         render_chat(bad, template)
 
 
@@ -138,7 +133,5 @@ def test_template_extras_and_helpers():
     assert render_chat([{"role": "user", "content": "<é>"}], "{{ messages[0].content | tojson }}") == '"<é>"'
     assert len(render_chat(msgs, "{{ strftime_now('%Y') }}")) == 4
     # trim_blocks / lstrip_blocks as in transformers: block lines leave no blank lines behind.
-    multiline = (
-        "{% for m in messages %}\n  {% if m.role == 'user' %}\n{{ m.content }}\n  {% endif %}\n{% endfor %}"
-    )
+    multiline = "{% for m in messages %}\n  {% if m.role == 'user' %}\n{{ m.content }}\n  {% endif %}\n{% endfor %}"
     assert render_chat(msgs, multiline) == "Hi there\n"

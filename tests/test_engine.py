@@ -22,7 +22,14 @@ from .conftest import load_reference
 SYNTHETIC = {
     "gqa-fp32": SyntheticSpec(layout="gqa", seed=1),
     "gqa-int4-partial-rotary": SyntheticSpec(
-        layout="gqa", quant="int4", rotary_fraction=0.75, hidden=128, heads=2, kv_heads=1, head_size=64, seed=2
+        layout="gqa",
+        quant="int4",
+        rotary_fraction=0.75,
+        hidden=128,
+        heads=2,
+        kv_heads=1,
+        head_size=64,
+        seed=2,
     ),
     "concat-fp32": SyntheticSpec(layout="concat", seed=3),
     "concat-fp16": SyntheticSpec(layout="concat", dtype="float16", seed=4),

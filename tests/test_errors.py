@@ -46,7 +46,7 @@ def test_file_instead_of_folder(model_dir):
 
 
 def test_empty_folder(tmp_path):
-    with pytest.raises(ModelFileNotFoundError, match="no genai_config.json and no ONNX decoder"):
+    with pytest.raises(ModelFileNotFoundError, match=r"no genai_config\.json and no ONNX decoder"):
         engine.Engine(tmp_path)
 
 
@@ -61,21 +61,24 @@ def test_truncated_model_file(model_dir, tmp_path):
     d = _copy(model_dir, tmp_path)
     data = (d / "model.onnx").read_bytes()
     (d / "model.onnx").write_bytes(data[: len(data) // 3])
-    with pytest.raises(ModelLoadError, match="model.onnx"):
+    with pytest.raises(ModelLoadError, match=r"model\.onnx"):
         engine.Engine(d)
 
 
 def test_garbage_model_file(model_dir, tmp_path):
     d = _copy(model_dir, tmp_path)
     (d / "model.onnx").write_bytes(b"\x00not an onnx file" * 100)
-    with pytest.raises(ModelLoadError, match="model.onnx"):
+    with pytest.raises(ModelLoadError, match=r"model\.onnx"):
         engine.Engine(d)
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda c: c["model"]["decoder"].pop("num_hidden_layers"), "missing key 'model.decoder.num_hidden_layers'"),
+        (
+            lambda c: c["model"]["decoder"].pop("num_hidden_layers"),
+            "missing key 'model.decoder.num_hidden_layers'",
+        ),
         (lambda c: c["model"]["decoder"].update(head_size="16"), "head_size' must be int"),
         (lambda c: c["model"]["decoder"].update(num_key_value_heads=3), "num_key_value_heads is 3"),
         (lambda c: c["model"]["decoder"].update(num_hidden_layers=7), "no past KV input named"),
@@ -115,10 +118,18 @@ def test_max_length_beyond_context(model_dir):
     ("kwargs", "exc", "message"),
     [
         ({"prompt": list(range(1, 70))}, ContextLengthError, "max_length is 64"),
-        ({"prompt": [1, 2, 3], "max_new_tokens": 62}, ContextLengthError, "allowed max_new_tokens here: 1..61"),
+        (
+            {"prompt": [1, 2, 3], "max_new_tokens": 62},
+            ContextLengthError,
+            "allowed max_new_tokens here: 1..61",
+        ),
         ({"prompt": [1, 2], "max_new_tokens": 0}, InvalidRequestError, "max_new_tokens must be >= 1"),
         ({"prompt": [1, 2], "max_new_tokens": -5}, InvalidRequestError, "max_new_tokens must be >= 1"),
-        ({"prompt": [1, 2], "max_new_tokens": 2.5}, InvalidRequestError, "max_new_tokens must be a positive int"),
+        (
+            {"prompt": [1, 2], "max_new_tokens": 2.5},
+            InvalidRequestError,
+            "max_new_tokens must be a positive int",
+        ),
         ({"prompt": [1, 100000]}, InvalidRequestError, "token id 100000 is outside the vocabulary"),
         ({"prompt": [1, -3]}, InvalidRequestError, "token id -3 is outside the vocabulary"),
         ({"prompt": [1, 2.0]}, InvalidRequestError, "token ids must be ints"),

@@ -116,9 +116,7 @@ def test_decode_loop_matches_a_mask_built_from_scratch(impl, dtype):
             "outside",
         ),
         (
-            lambda p, a: a(
-                np.zeros((1, 5), np.int64), None, np.array([1], np.int64), np.zeros(1, np.uint8), 5
-            ),
+            lambda p, a: a(np.zeros((1, 5), np.int64), None, np.array([1], np.int64), np.zeros(1, np.uint8), 5),
             "outside",
         ),
         (

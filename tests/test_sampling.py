@@ -282,9 +282,7 @@ def test_seed_same_tokens_in_another_process(impl):
 def test_penalties_hand_computed():
     logits = np.array([2.0, -1.0, 0.5, 3.0, -2.0], np.float32)
     counts = np.array([1, 2, 0, 0, 1])
-    got = ref_apply_penalties(
-        logits, counts, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25
-    )
+    got = ref_apply_penalties(logits, counts, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     # 2/2 - (0.5 + 0.25); -1*2 - (0.5 + 0.5); untouched; untouched; -2*2 - (0.5 + 0.25)
     assert got.tolist() == [0.25, -3.0, 0.5, 3.0, -4.75]
     assert ref_apply_logit_bias(logits, {1: 4.0, 3: -3.0}).tolist() == [2.0, 3.0, 0.5, 0.0, -2.0]
@@ -530,9 +528,7 @@ def test_from_search_config():
     assert p.is_greedy and p.top_k == 0 and not p.do_sample
     q = SamplingParams.from_search_config(greedy_cfg, do_sample=True, temperature=0.7)
     assert not q.is_greedy and q.top_k == 0 and q.temperature == 0.7
-    r = SamplingParams.from_search_config(
-        {"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 1}, top_p=0.5
-    )
+    r = SamplingParams.from_search_config({"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 1}, top_p=0.5)
     assert (r.do_sample, r.top_k, r.top_p, r.temperature) == (True, 50, 0.5, 1.0)
     assert isinstance(r.temperature, float)
     assert SamplingParams.from_search_config({}) == SamplingParams()
@@ -558,11 +554,7 @@ VOCAB = st.integers(1, 40)
 def request(draw):
     vocab = draw(VOCAB)
     special = st.sampled_from([np.nan, np.inf, -np.inf])
-    values = (
-        st.one_of(st.floats(-30, 30, width=32), special)
-        if draw(st.booleans())
-        else st.floats(-30, 30, width=32)
-    )
+    values = st.one_of(st.floats(-30, 30, width=32), special) if draw(st.booleans()) else st.floats(-30, 30, width=32)
     row = np.array(draw(st.lists(values, min_size=vocab, max_size=vocab)), np.float32)
     params = SamplingParams(
         do_sample=draw(st.booleans()),
@@ -573,9 +565,7 @@ def request(draw):
         repetition_penalty=draw(st.sampled_from([1.0, 0.7, 1.3])),
         presence_penalty=draw(st.sampled_from([0.0, -1.0, 1.5])),
         frequency_penalty=draw(st.sampled_from([0.0, 0.5, -2.0])),
-        logit_bias=draw(
-            st.none() | st.dictionaries(st.integers(0, vocab - 1), st.floats(-50, 50), max_size=3)
-        ),
+        logit_bias=draw(st.none() | st.dictionaries(st.integers(0, vocab - 1), st.floats(-50, 50), max_size=3)),
         seed=draw(st.integers(0, 2**64 - 1)),
         logprobs=draw(st.none() | st.integers(0, MAX_LOGPROBS)),
     )
@@ -665,9 +655,7 @@ def test_compiled_simd_levels_agree():
     kernels = sampling._ckernels
     rng = np.random.default_rng(7)
     logits = random_logits(rng, 2, 3001).astype(np.float16)
-    p = SamplingParams(
-        do_sample=True, temperature=0.9, top_p=0.97, repetition_penalty=1.1, seed=10, logprobs=3
-    )
+    p = SamplingParams(do_sample=True, temperature=0.9, top_p=0.97, repetition_penalty=1.1, seed=10, logprobs=3)
     levels = ["sse2", "avx2"] if kernels.set_simd("auto") == "avx2" else ["sse2"]
     try:
         runs = []
@@ -716,9 +704,7 @@ def _traced(fn, calls: int, warmup: int = 1) -> tuple[int, int]:
     finally:
         tracemalloc.stop()
     keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
-    growth = sum(
-        s.size_diff for s in after.filter_traces(keep).compare_to(before.filter_traces(keep), "filename")
-    )
+    growth = sum(s.size_diff for s in after.filter_traces(keep).compare_to(before.filter_traces(keep), "filename"))
     domain = np.lib.tracemalloc_domain
     numpy_new = len([t for t in after.traces if t.domain == domain]) - len(
         [t for t in before.traces if t.domain == domain]
@@ -731,9 +717,7 @@ def _traced(fn, calls: int, warmup: int = 1) -> tuple[int, int]:
     [
         SamplingParams(),
         SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=1),
-        SamplingParams(
-            do_sample=True, top_k=50, repetition_penalty=1.1, logit_bias={3: 1.0}, seed=1, logprobs=5
-        ),
+        SamplingParams(do_sample=True, top_k=50, repetition_penalty=1.1, logit_bias={3: 1.0}, seed=1, logprobs=5),
     ],
     ids=["greedy", "top_p", "top_k_penalties_logprobs"],
 )

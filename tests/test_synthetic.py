@@ -244,9 +244,7 @@ def test_incremental_decoding_matches_full_sequence(model_dir, spec: SyntheticSp
         parts.append(logits)
     assert past["past_key_values.0.key"].shape == (batch, spec.kv_heads, 10, spec.head_size)
     atol = 2e-2 if spec.dtype == "float16" or spec.quant == "int4" else 1e-4
-    np.testing.assert_allclose(
-        np.concatenate(parts, axis=1).astype(np.float32), full.astype(np.float32), atol=atol
-    )
+    np.testing.assert_allclose(np.concatenate(parts, axis=1).astype(np.float32), full.astype(np.float32), atol=atol)
 
 
 def test_concat_padding_is_masked(model_dir) -> None:

@@ -141,10 +141,7 @@ def test_stories260k_streams_reference_continuation(sp_tok, stories260k):
     for ref in load_reference(stories260k):
         parts = stream(sp_tok, ref["prompt_ids"], ref["greedy_ids"])
         assert "".join(parts) == ref["continuation"]
-        assert (
-            IncrementalDetokenizer.continuation(sp_tok, ref["prompt_ids"], ref["greedy_ids"])
-            == ref["continuation"]
-        )
+        assert IncrementalDetokenizer.continuation(sp_tok, ref["prompt_ids"], ref["greedy_ids"]) == ref["continuation"]
         first = next(p for p in parts if p)
         assert ref["continuation"].startswith(first)
     once = next(r for r in load_reference(stories260k) if r["prompt"] == "Once upon a time")
@@ -412,9 +409,7 @@ def _pool(tok: Tokenizer) -> list[int]:
     return _POOLS[key]
 
 
-_SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @_SETTINGS

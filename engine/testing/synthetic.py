@@ -371,9 +371,7 @@ class _TensorStore:
         array = np.ascontiguousarray(array)
         return self.add_chunks(name, array.shape, array.dtype, iter([array]))
 
-    def add_chunks(
-        self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterator[np.ndarray]
-    ) -> str:
+    def add_chunks(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterator[np.ndarray]) -> str:
         """Add a tensor given as consecutive slices along its first axis; returns its name."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -417,13 +415,9 @@ class _Graph:
         self.onnx_dtype = helper.np_dtype_to_tensor_dtype(self.np_dtype)
         self._consts: set[str] = set()
 
-    def op(
-        self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: object
-    ) -> list[str]:
+    def op(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: object) -> list[str]:
         """Append one node named after its first output."""
-        node = helper.make_node(
-            op_type, inputs, outputs, name=f"{outputs[0]}/{op_type}", domain=domain, **attrs
-        )
+        node = helper.make_node(op_type, inputs, outputs, name=f"{outputs[0]}/{op_type}", domain=domain, **attrs)
         self.nodes.append(node)
         return outputs
 
@@ -503,10 +497,8 @@ def _build_graph(spec: SyntheticSpec, store: _TensorStore) -> onnx.GraphProto:
     )[0]
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        if spec.layout == "gqa":
-            attn = _gqa_attention(g, p, i, h, shared)
-        else:
-            attn = _concat_attention(g, p, i, h, shared)
+        attention = _gqa_attention if spec.layout == "gqa" else _concat_attention
+        attn = attention(g, p, i, h, shared)
         o = g.linear(attn, f"{p}.self_attn.o_proj", spec.heads * spec.head_size, spec.hidden)
         h, residual = _skip_norm(g, o, residual, f"{p}.post_attention_layernorm")
         mlp = _mlp(g, p, h)
@@ -522,15 +514,11 @@ def _graph_io(spec: SyntheticSpec, dtype: int) -> tuple[list[onnx.ValueInfoProto
     kv = [spec.kv_heads, None, spec.head_size]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info(
-            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
-        ),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
     ]
     if spec.layout == "concat":
         inputs.append(
-            helper.make_tensor_value_info(
-                "position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
-            )
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         )
     outputs = [helper.make_tensor_value_info("logits", dtype, ["batch_size", "sequence_length", spec.vocab])]
     for i in range(spec.layers):
