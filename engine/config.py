@@ -92,6 +92,7 @@ class ModelSpec:
     has_genai_config: bool = False
     has_external_data: bool = False
     weight_bytes: int = 0  # bytes of all initializers (what one decode step reads)
+    rope_switch_length: int | None = None  # LongRoPE: past this total length the KV cache is recomputed
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -183,6 +184,7 @@ class _Graph:
     op_types: set[str]
     external: bool
     weight_bytes: int
+    rope_switch_length: int | None = None
 
 
 def _initializer_bytes(t: onnx.TensorProto) -> int:
@@ -220,7 +222,45 @@ def _read_graph(model_path: Path) -> _Graph:
         op_types={n.op_type for n in g.node},
         external=external,
         weight_bytes=sum(_initializer_bytes(t) for t in g.initializer),
+        rope_switch_length=_rope_switch_length(g),
     )
+
+
+def _scalar_constant(g: onnx.GraphProto, name: str) -> int | None:
+    """The integer value of a scalar initializer or Constant node output, else None."""
+    for t in g.initializer:
+        if t.name == name:
+            arr = onnx.numpy_helper.to_array(t)
+            return int(arr.reshape(-1)[0]) if arr.size == 1 and np.issubdtype(arr.dtype, np.integer) else None
+    for n in g.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name:
+            for a in n.attribute:
+                if a.name == "value":
+                    arr = onnx.numpy_helper.to_array(a.t)
+                    if arr.size == 1 and np.issubdtype(arr.dtype, np.integer):
+                        return int(arr.reshape(-1)[0])
+    return None
+
+
+def _rope_switch_length(g: onnx.GraphProto) -> int | None:
+    """Sequence length past which a LongRoPE graph switches to its long-context cos/sin caches.
+
+    The onnxruntime-genai builder writes ``If(Greater(total_sequence_length, N))`` choosing between
+    the short and long caches (Phi-3/Phi-4 with rope scaling, N = original context, 4096 for
+    Phi-4-mini). Keys already in the cache were rotated with the short factors, so generation that
+    crosses N must recompute the cache, as onnxruntime-genai and transformers do.
+    """
+    producer = {out: n for n in g.node for out in n.output}
+    for node in g.node:
+        if node.op_type != "If" or not node.input:
+            continue
+        cond = producer.get(node.input[0])
+        if cond is None or cond.op_type != "Greater" or len(cond.input) != 2:
+            continue
+        value = _scalar_constant(g, cond.input[1])
+        if value is not None and value > 0:
+            return value
+    return None
 
 
 def _layer_names(template: str, n: int, path: Path, key: str) -> list[str]:
@@ -527,6 +567,7 @@ def _finish_spec(
         has_genai_config=has_genai,
         has_external_data=graph.external,
         weight_bytes=graph.weight_bytes,
+        rope_switch_length=graph.rope_switch_length if layout is KVLayout.GQA_SHARED else None,
     )
 
 

@@ -327,6 +327,7 @@ class Engine:
         """Prefill, then decode until EOS, a stop string or max_new_tokens. Sets ``req.result``."""
         st, sampler, out = self._state, self._sampler, self._out_ids
         eos = self.eos_token_ids
+        switch = self.spec.rope_switch_length  # None for most models
         want_logprobs = req.params.logprobs is not None
         logprobs: list[float] = []
         top: list[dict[int, float]] = []
@@ -362,7 +363,11 @@ class Engine:
                     yield StreamChunk(piece, tok, finish if last else None, logprobs[-1] if want_logprobs else None)
             if last:
                 break
-            logits = st.decode_one_token()
+            if st.length == switch:
+                # LongRoPE crossing: recompute the whole cache with the long-context factors
+                logits = st.prefill(np.concatenate((req.prompt_ids, out[:n]))[None, :])
+            else:
+                logits = st.decode_one_token()
             sampler.sample(logits, st.next_ids)
         t_end = time.perf_counter()
 

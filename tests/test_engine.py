@@ -171,3 +171,46 @@ def test_onnxruntime_genai_parity(synthetic_dirs, engines):
             want = list(gen.get_sequence(0))[len(prompt) :]
             got = engines[name].generate(prompt, max_new_tokens=24).token_ids
             assert got == want, name
+
+
+def test_longrope_switch_detected_from_graph(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from engine.config import _rope_switch_length
+
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["o"])], "b", [], [helper.make_tensor_value_info("o", 1, [1])]
+    )
+    nodes = [
+        helper.make_node("Greater", ["len", "limit"], ["cond"]),
+        helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch),
+    ]
+    limit = onnx.numpy_helper.from_array(np.array(4096, dtype=np.int64), "limit")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("len", TensorProto.INT64, [])], [], [limit])
+    assert _rope_switch_length(graph) == 4096
+    graph.ClearField("node")
+    assert _rope_switch_length(graph) is None
+
+
+def test_longrope_crossing_recomputes_cache(engines, monkeypatch):
+    """At the switch length the whole sequence is prefilled again (as onnxruntime-genai does for
+    Phi-3/Phi-4 LongRoPE); with one rope table the recomputed cache gives the same tokens."""
+    import dataclasses
+
+    eng = engines["gqa-fp32"]
+    prompt = PROMPTS[0]
+    want = eng.generate(prompt, max_new_tokens=20).token_ids
+    calls = []
+    original = eng._state.prefill
+
+    def counting(ids):
+        calls.append(ids.shape[1])
+        return original(ids)
+
+    monkeypatch.setattr(eng, "spec", dataclasses.replace(eng.spec, rope_switch_length=len(prompt) + 6))
+    monkeypatch.setattr(eng._state, "prefill", counting)
+    got = eng.generate(prompt, max_new_tokens=20).token_ids
+    assert calls == [len(prompt), len(prompt) + 7]
+    assert got == want
