@@ -257,14 +257,14 @@ class EngineRunner(Runner):
         )
 
     def run_instrumented(self, ids: np.ndarray, n: int) -> Sample:
-        """generate() with ``session.run_with_iobinding`` wrapped by a perf_counter stamper."""
-        sess = self.eng._state.session
-        stamper = _Stamper(sess.run_with_iobinding)
-        sess.run_with_iobinding = stamper  # instance attribute shadows the method for this run
+        """generate() with the step's ORT run (``StepState.bind.run``) wrapped by a perf_counter stamper."""
+        bind = self.eng._state.bind
+        stamper = _Stamper(bind.run)
+        bind.run = stamper  # instance attribute shadows the method for this run
         try:
             sample = self.run(ids, n)
         finally:
-            del sess.run_with_iobinding
+            del bind.run
         sample.step_s, sample.in_run_s = stamper.steps()
         return sample
 
