@@ -11,6 +11,10 @@ exposes the two phases of a request:
 
 A decode step writes values only: on the CPU it binds a precreated OrtValue view of the mask at
 the current width and, for models with ``position_ids``, writes one position.
+
+The CUDA twin of this class, with every buffer on the device, is
+:class:`engine.cuda.DeviceStepState`; both give the generation loop ``next_ids`` (where the sampler
+writes) and ``host_ids`` (where the loop reads the token; here the same array).
 """
 
 from __future__ import annotations
@@ -73,6 +77,26 @@ class FastBinding:
         else:
             self.io.bind_output(name, device)
 
+    def _c_device(self, device: str):
+        c_device = self._devices.get(device)
+        if c_device is None:
+            c_device = self._devices[device] = ort.OrtDevice.make(device, 0)._get_c_device()
+        return c_device
+
+    def bind_input_ptr(self, name: str, device: str, dtype: np.dtype, shape: tuple[int, ...], ptr: int) -> None:
+        """Bind an input to memory the caller owns: ``shape`` elements of ``dtype`` at ``ptr`` on ``device``."""
+        if self.fast:
+            self._c_io.bind_input(name, self._c_device(device), dtype, shape, ptr)
+        else:
+            self.io.bind_input(name, device, 0, dtype, shape, ptr)
+
+    def bind_output_ptr(self, name: str, device: str, dtype: np.dtype, shape: tuple[int, ...], ptr: int) -> None:
+        """Bind an output to memory the caller owns (ORT writes it in place)."""
+        if self.fast:
+            self._c_io.bind_output(name, self._c_device(device), dtype, shape, ptr)
+        else:
+            self.io.bind_output(name, device, 0, dtype, shape, ptr)
+
     def outputs(self):
         """This run's outputs as handles :meth:`bind_input` accepts (no copy)."""
         return self._c_io.get_outputs() if self.fast else self.io.get_outputs()
@@ -112,6 +136,8 @@ class StepState:
         # (batch, 1) int64/int32, cpu: the decode step's input; the sampler writes into next_ids
         self.input_ids = np.zeros((batch, 1), dtype=ids_dtype)
         self.next_ids = self.input_ids[:, 0]  # (batch,) view of input_ids
+        # (batch,) the ids the generation loop reads; on the CPU they are next_ids itself (no copy)
+        self.host_ids = self.next_ids
         self._input_ids_value = ort.OrtValue.ortvalue_from_numpy(self.input_ids)
 
         # (batch, max_length) int64/int32, cpu: ones on valid positions; bound as a view of the current width

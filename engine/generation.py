@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,10 +34,13 @@ from .errors import (
     InvalidRequestError,
 )
 from .graph import load_for_generation
-from .providers import SessionConfig, create_session, resolve_provider, session_options
+from .providers import CUDA_EP, SessionConfig, create_session, resolve_provider, session_options
 from .sampling import Sampler, SamplingParams
 from .stopping import StopStringMatcher
 from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from .cuda import DeviceSampler, DeviceStepState
 
 DEFAULT_MAX_LENGTH = 4096
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -138,8 +141,13 @@ class Engine:
         graph_optimization: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disable"``.
         optimized_model_path: write ORT's optimized graph here (for inspection or a load cache).
         last_token_logits: edit the graph at load so the LM head runs on the last position only.
-        sampler_impl: ``"auto"`` (Cython kernels, numpy fallback), ``"cython"`` or ``"numpy"``.
+        sampler_impl: ``"auto"`` (Cython kernels, numpy fallback), ``"cython"`` or ``"numpy"``; on
+            CUDA, the sampler of the host fallback (penalties, min-p, logit bias, logprobs).
         profile: turn on ORT's profiler (``end_profiling()`` writes the JSON trace).
+        cuda_graph: CUDA only (ignored on the CPU): capture the decode step as a CUDA graph.
+            ``None`` (default): on for float16 GroupQueryAttention share-buffer models, off otherwise
+            (and off with a warning if ORT refuses to capture the model); ``True`` on a model that
+            cannot have one raises InvalidRequestError. See engine/cuda.py.
     """
 
     def __init__(
@@ -155,12 +163,22 @@ class Engine:
         last_token_logits: bool = True,
         sampler_impl: str = "auto",
         profile: bool = False,
+        cuda_graph: bool | None = None,
     ) -> None:
         self.spec: ModelSpec = load_model_spec(model_dir)
         spec = self.spec
         self.provider = resolve_provider(provider)
+        on_cuda = self.provider == CUDA_EP
+        if on_cuda:
+            from .cuda import import_cupy, resolve_cuda_graph
+
+            import_cupy()  # fail before loading anything when cupy or the device is missing
+            resolve_cuda_graph(spec, cuda_graph)
+        elif cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise InvalidRequestError(f"cuda_graph must be True, False or None (auto), got {cuda_graph!r}")
         self.max_length = self._check_max_length(max_length)
-        self._check_memory()
+        if not on_cuda:
+            self._check_memory()  # host memory; a CUDA engine checks the device's after loading the weights
         self.tokenizer: Tokenizer | None = None
         if any((spec.model_dir / f).is_file() for f in _TOKENIZER_FILES):
             # BOS comes from the tokenizer's own config (genai_config's bos_token_id is unreliable:
@@ -186,15 +204,32 @@ class Engine:
             config.validate()
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
-        so = session_options(config, spec.weight_bytes, spec.session_options)
+        so = session_options(config, spec.weight_bytes, spec.session_options, provider=self.provider)
         model, edited = load_for_generation(spec.model_path, spec.logits.name, last_token_logits)
         if edited and spec.has_external_data:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(spec.model_dir))
-        self.session = create_session(model, self.provider, so)
         self.threads = so.intra_op_num_threads
         self.last_token_logits = edited
-        self._state = StepState(self.session, spec, batch=1, max_length=self.max_length, last_token_logits=edited)
-        self._sampler = Sampler(1, spec.vocab_size, impl=sampler_impl)
+        self.cuda_graph = False  # whether the decode step replays a captured CUDA graph
+        self._state: StepState | DeviceStepState
+        self._sampler: Sampler | DeviceSampler
+        if on_cuda:
+            from .cuda import create_cuda_runtime
+
+            rt = create_cuda_runtime(
+                model,
+                spec,
+                so,
+                max_length=self.max_length,
+                last_token_logits=edited,
+                cuda_graph=cuda_graph,
+                sampler_impl=sampler_impl,
+            )
+            self.session, self._state, self._sampler, self.cuda_graph = rt.session, rt.state, rt.sampler, rt.cuda_graph
+        else:
+            self.session = create_session(model, self.provider, so)
+            self._state = StepState(self.session, spec, batch=1, max_length=self.max_length, last_token_logits=edited)
+            self._sampler = Sampler(1, spec.vocab_size, impl=sampler_impl)
         self._out_ids = np.zeros(self.max_length, dtype=np.int64)  # (max_length,) new token ids of a request
         self._lock = threading.Lock()
         self.chat_template: str | None = load_chat_template(spec.model_dir)
@@ -326,6 +361,7 @@ class Engine:
     def _steps(self, req: _Request, stream: bool) -> Iterator[StreamChunk]:
         """Prefill, then decode until EOS, a stop string or max_new_tokens. Sets ``req.result``."""
         st, sampler, out = self._state, self._sampler, self._out_ids
+        host_ids = st.host_ids  # (batch,) host ids the sampler leaves; on the CPU this is next_ids itself
         eos = self.eos_token_ids
         switch = self.spec.rope_switch_length  # None for most models
         want_logprobs = req.params.logprobs is not None
@@ -340,7 +376,7 @@ class Engine:
         n = 0
         finish = "length"
         while True:
-            tok = int(st.next_ids[0])
+            tok = int(host_ids[0])
             out[n] = tok
             n += 1
             last = False

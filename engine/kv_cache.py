@@ -7,7 +7,10 @@
 * :class:`GrowingKVCache` (concat and combined layouts): the graph returns ``present`` =
   concat(past, new), one token longer each step. Present outputs are bound to memory ORT
   allocates on the device and handed to the next step as past with ``bind_ortvalue_input``;
-  they never pass through numpy.
+  they never pass through numpy. The CUDA path uses it as is with ``device="cuda"``.
+
+The share-buffer cache on a GPU is :class:`engine.cuda.DeviceKVCache` (same interface, cupy-owned
+buffers bound by pointer).
 """
 
 from __future__ import annotations
@@ -27,18 +30,15 @@ class StaticKVCache:
     """Preallocated share-buffer KV cache for GroupQueryAttention models."""
 
     def __init__(self, spec: ModelSpec, batch: int, max_length: int, device: str = "cpu") -> None:
+        if device != "cpu":
+            raise ValueError(
+                f"StaticKVCache holds host buffers; the {device} cache is engine.cuda.DeviceKVCache (cupy-owned)"
+            )
         shape = spec.kv_shape(batch, max_length)
         self.names = list(zip(spec.past_names, spec.present_names, strict=True))
-        if device == "cpu":
-            # (batch, kv_heads, max_length, head_size) kv_dtype, cpu: one per layer and K/V
-            self.buffers = [np.zeros(shape, dtype=spec.kv_dtype) for _ in self.names]
-            self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
-        else:
-            # (batch, kv_heads, max_length, head_size) kv_dtype, device memory owned by ORT
-            self.buffers = []
-            self.values = [
-                ort.OrtValue.ortvalue_from_shape_and_type(shape, spec.kv_dtype, device, 0) for _ in self.names
-            ]
+        # (batch, kv_heads, max_length, head_size) kv_dtype, cpu: one per layer and K/V
+        self.buffers = [np.zeros(shape, dtype=spec.kv_dtype) for _ in self.names]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
         self.nbytes = len(self.names) * int(np.prod(shape)) * spec.kv_dtype.itemsize
 
     def bind(self, bind: FastBinding, outputs_before: int = 0) -> None:

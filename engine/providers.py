@@ -8,6 +8,10 @@ The CPU defaults were chosen by measurement (docs/providers.md has the figures a
   instead of sleeping and waking;
 * graph optimization level ALL (ORT's layout and fusion passes);
 * inter-op threads 1, sequential execution (decoders are a single chain of ops).
+
+On CUDA the CPU EP only runs the few nodes CUDA lacks (shape arithmetic), so one intra-op thread
+without spinning is the default there; :func:`cuda_provider_options` holds the CUDA EP options
+(engine/cuda.py uses them, docs/providers.md explains each).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import onnxruntime as ort
 
 from .errors import ModelLoadError, ProviderError
 
-PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+CPU_EP = "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+PROVIDER_NAMES = {"cpu": CPU_EP, "cuda": CUDA_EP}
 
 # Below this many bytes of weights one intra-op thread beats two: measured on this project's
 # 2-core machines (docs/providers.md), tiny-gpt2 (0.57 MB) decodes 16 % slower on two threads,
@@ -52,7 +58,11 @@ def resolve_provider(name: str) -> str:
     if full is None:
         raise ProviderError(f"unknown provider {name!r}; allowed: {', '.join(PROVIDER_NAMES)}")
     if full not in ort.get_available_providers():
-        hint = " (install the 'cuda' extra: onnxruntime-gpu and cupy)" if full.startswith("CUDA") else ""
+        hint = (
+            " (install the 'cuda' extra, onnxruntime-gpu and cupy-cuda13x, in place of the CPU onnxruntime wheel)"
+            if full == CUDA_EP
+            else ""
+        )
         raise ProviderError(
             f"provider {name!r} is not available in this onnxruntime build{hint}; "
             f"available: {', '.join(available_providers())}"
@@ -97,18 +107,26 @@ class SessionConfig:
 
 
 def session_options(
-    config: SessionConfig, weight_bytes: int, genai_options: Mapping[str, Any] | None = None
+    config: SessionConfig,
+    weight_bytes: int,
+    genai_options: Mapping[str, Any] | None = None,
+    provider: str = CPU_EP,
 ) -> ort.SessionOptions:
-    """Build SessionOptions: the model's genai_config.json session_options, then our defaults, then ``config``."""
+    """Build SessionOptions: the model's genai_config.json session_options, then our defaults, then ``config``.
+
+    ``provider`` (the full ORT name) picks the defaults: on CUDA one intra-op thread, no spinning.
+    """
     config.validate()
     so = ort.SessionOptions()
     genai_options = dict(genai_options or {})
-    threads = config.threads or genai_options.get("intra_op_num_threads") or default_threads(weight_bytes)
+    on_cpu = provider == CPU_EP
+    default = default_threads(weight_bytes) if on_cpu else 1
+    threads = config.threads or genai_options.get("intra_op_num_threads") or default
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = _OPT_LEVELS[config.graph_optimization]
-    spinning = True if config.spinning is None else config.spinning
+    spinning = on_cpu if config.spinning is None else config.spinning
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
     for key, value in genai_options.items():
@@ -125,6 +143,33 @@ def session_options(
     return so
 
 
+def cuda_provider_options(*, cuda_graph: bool, stream_ptr: int | None = None, device_id: int = 0) -> dict[str, str]:
+    """CUDAExecutionProvider options tuned for decoding (ORT reads every value as a string).
+
+    ``stream_ptr``: a ``cudaStream_t`` (as an int) that ORT runs every kernel and copy on, so work
+    the engine enqueues on the same stream (mask update, sampling, the ids copy) is ordered with the
+    model's kernels without any extra synchronization.
+    """
+    options = {
+        "device_id": str(device_id),
+        # ORT's own host<->device copies go on the compute stream: ordered with the kernels
+        "do_copy_in_default_stream": "1",
+        # cuDNN may take the workspace its fastest algorithm wants (convolutions only; harmless here)
+        "cudnn_conv_use_max_workspace": "1",
+        # grow the arena by what is asked, not to the next power of two: decode shapes repeat, and
+        # doubling would strand GPU memory beside the weights and the KV cache
+        "arena_extend_strategy": "kSameAsRequested",
+        # fp32 MatMuls in fp32, not TF32: greedy tokens of fp32 models match the CPU (fp16/int4 unaffected)
+        "use_tf32": "0",
+        # capture the decode step once and replay it (needs fixed shapes and buffer addresses)
+        "enable_cuda_graph": "1" if cuda_graph else "0",
+    }
+    if stream_ptr is not None:
+        options["has_user_compute_stream"] = "1"
+        options["user_compute_stream"] = str(int(stream_ptr))
+    return options
+
+
 def create_session(
     model: str | bytes,
     provider: str,
@@ -133,8 +178,8 @@ def create_session(
 ) -> ort.InferenceSession:
     """Create the InferenceSession, turning ORT's load failures into ModelLoadError."""
     providers: list[Any] = [(provider, dict(provider_options or {}))]
-    if provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
+    if provider != CPU_EP:
+        providers.append(CPU_EP)  # fallback for the ops the provider lacks
     try:
         return ort.InferenceSession(model, so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException classes

@@ -332,12 +332,15 @@ class GenaiRunner(Runner):
     ``model.decoder.session_options.intra_op_num_threads`` set (genai's default here is one
     thread). TTFT = ``append_tokens`` (the prompt's forward pass) + the first
     ``generate_next_token`` (which only picks from the logits append_tokens computed); creating
-    the Generator (its KV buffers) is recorded apart as ``extra['generator_s']``.
+    the Generator (its KV buffers) is recorded apart as ``extra['generator_s']``. ``provider_options``:
+    the CUDA EP options genai hands to ORT (e.g. ``{"enable_cuda_graph": "1"}``).
     """
 
     name = "genai"
 
-    def __init__(self, model_dir: Path, provider: str, threads: int) -> None:
+    def __init__(
+        self, model_dir: Path, provider: str, threads: int, provider_options: dict[str, str] | None = None
+    ) -> None:
         import onnxruntime_genai as og
 
         self.og = og
@@ -350,7 +353,7 @@ class GenaiRunner(Runner):
         so = cfg["model"]["decoder"].setdefault("session_options", {})
         so["intra_op_num_threads"] = threads
         so["inter_op_num_threads"] = 1
-        so["provider_options"] = [{"cuda": {}}] if provider == "cuda" else []
+        so["provider_options"] = [{"cuda": dict(provider_options or {})}] if provider == "cuda" else []
         (self.tmp / "genai_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         self.model = og.Model(str(self.tmp))
 

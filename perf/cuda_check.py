@@ -1,0 +1,261 @@
+"""Device check of ``provider="cuda"``, sized for a session lent a GPU (15 minutes of device time).
+
+    python -m perf.cuda_check                                  # the defaults below
+    python -m perf.cuda_check --prompt 128 --new 128 --reps 5 --layers 4 --vocab 32064
+    python -m perf.cuda_check --provider cpu --layers 1 --reps 1   # dry run of this script, any machine
+
+1. Environment: onnxruntime and its providers, cupy and the GPU; exits 2 when CUDA is not usable.
+2. Model: the synthetic Phi-4-mini-shaped fp16 model ``phi4_mini_spec(layers, vocab, dtype="float16")``
+   (INT4 MatMulNBits, GroupQueryAttention), built once into perf/models/ (``cached_model``).
+3. Engines, same model and lengths: the engine with CUDA graphs, the engine without, and
+   onnxruntime-genai (CUDA, with its own graph capture) when ``onnxruntime_genai`` imports.
+4. Checks (exit 1 when one fails): greedy tokens of graph vs no-graph identical; genai vs the
+   engine identical over the first ``--parity-tokens``; an ORT profile of a decode without graphs
+   has no MemcpyToHost/MemcpyFromHost node in any step.
+5. Timings: one warm-up request each, then ``--reps`` repetitions interleaved (graph, no graph, genai,
+   graph, ...); medians of TTFT, prefill and decode tok/s, as a markdown table on stdout and JSON in
+   ``--out`` (default perf/results/), cuda-check-<date>-<host>.json.
+
+A runner that fails to start or raises is recorded as a failure and the others go on, so one run
+on a lent GPU reports everything it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import RESULTS_DIR, EngineRunner, GenaiRunner, Runner, Sample, genai_available, host_name, prompt_ids
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+@dataclass
+class Row:
+    """Medians of one runner over the timed repetitions."""
+
+    runner: str
+    reps: int
+    ttft_ms: float
+    prefill_ms: float
+    decode_tok_s: float
+    first_divergence: int | None  # first index where its tokens differ from the reference runner's
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32064)
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    p.add_argument("--new", type=int, default=128, help="new tokens per request (EOS ignored)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--parity-tokens", type=int, default=32, help="tokens genai must match the engine on")
+    p.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai even when it imports")
+    p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the script")
+    p.add_argument("--out", default=None, help="folder for the JSON (default perf/results/)")
+    return p.parse_args(argv)
+
+
+def environment(provider: str) -> dict[str, str]:
+    """Versions and the device; raises SystemExit(2) when CUDA is not usable from here."""
+    import onnxruntime as ort
+
+    from engine.cuda import import_cupy
+    from engine.errors import ProviderError
+
+    env = {"onnxruntime": ort.__version__, "providers": ",".join(ort.get_available_providers()), "gpu": "none"}
+    if provider == "cpu":
+        return env
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(f"CUDA is not usable: onnxruntime {ort.__version__} has no CUDAExecutionProvider", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        cupy = import_cupy()
+    except ProviderError as e:
+        print(f"CUDA is not usable: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    free, total = cupy.cuda.runtime.memGetInfo()
+    env |= {
+        "cupy": cupy.__version__,
+        "gpu": name,
+        "gpu_memory_gib": f"{total / 2**30:.1f}",
+        "gpu_free_gib": f"{free / 2**30:.1f}",
+    }
+    if genai_available():
+        import onnxruntime_genai as og
+
+        env["onnxruntime_genai"] = getattr(og, "__version__", "?")
+    return env
+
+
+def build_model(layers: int, vocab: int) -> Path:
+    from engine.testing.synthetic import cached_model, phi4_mini_spec
+
+    t = time.perf_counter()
+    path = cached_model(phi4_mini_spec(layers=layers, vocab=vocab, dtype="float16"), MODELS_DIR)
+    print(f"model {path} ready in {time.perf_counter() - t:.1f} s", flush=True)
+    return path
+
+
+def memcpy_in_decode(model_dir: Path, provider: str, ids: np.ndarray, max_length: int) -> list[list[str]]:
+    """Memcpy node op types of each decode run of a profiled request (up to 16 tokens) without graphs."""
+    from engine import Engine
+    from engine.testing.ort_profile import load_runs
+
+    eng = Engine(model_dir, provider=provider, max_length=max_length, cuda_graph=False, profile=True)
+    eng.eos_token_ids = frozenset()
+    trace: Path | None = None
+    try:
+        eng.generate(ids, max_new_tokens=min(16, max_length - len(ids)))
+        trace = Path(eng.session.end_profiling())
+        runs = load_runs(trace)
+    finally:  # ORT writes the trace into the working directory: never leave it there
+        if trace is None:
+            trace = Path(eng.session.end_profiling())
+        trace.unlink(missing_ok=True)
+    return [r.memcpy_ops for r in runs[1:]]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (the shorter length when one is a prefix); None when equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def make_runners(args: argparse.Namespace, model_dir: Path, max_length: int, failures: list[str]) -> dict[str, Runner]:
+    """The runners that could be built (a failure is recorded, and the others still run)."""
+    makers = {
+        "engine cuda-graph": lambda: EngineRunner(model_dir, args.provider, max_length, cuda_graph=True),
+        "engine no-graph": lambda: EngineRunner(model_dir, args.provider, max_length, cuda_graph=False),
+    }
+    if genai_available() and not args.no_genai:
+        makers["genai cuda-graph"] = lambda: GenaiRunner(model_dir, args.provider, 1, {"enable_cuda_graph": "1"})
+    runners: dict[str, Runner] = {}
+    for name, make in makers.items():
+        try:
+            runners[name] = make()
+        except Exception as e:  # report every runner's problem in one device call
+            failures.append(f"{name}: could not start ({type(e).__name__}: {e})")
+            traceback.print_exc()
+    return runners
+
+
+def timed_runs(runners: dict[str, Runner], ids: np.ndarray, args: argparse.Namespace, failures: list[str]):
+    """Warm-up, then ``args.reps`` interleaved repetitions; a runner that raises is dropped and recorded."""
+    samples: dict[str, list[Sample]] = {name: [] for name in runners}
+    live = dict(runners)
+    for rep in range(-1, args.reps):  # -1: the warm-up (kernels compiled, graphs captured), not kept
+        for name, r in list(live.items()):
+            t = time.perf_counter()
+            try:
+                sample = r.run(ids, args.new)
+            except Exception as e:  # report every runner's problem in one device call
+                which = "the warm-up" if rep < 0 else f"repetition {rep}"
+                failures.append(f"{name}: {which} raised {type(e).__name__}: {e}")
+                traceback.print_exc()
+                del live[name]
+                continue
+            if rep < 0:
+                print(f"warm-up {name}: {time.perf_counter() - t:.2f} s", flush=True)
+            else:
+                samples[name].append(sample)
+    return {name: ss for name, ss in samples.items() if ss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = environment(args.provider)
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    model_dir = build_model(args.layers, args.vocab)
+    ids = prompt_ids(args.prompt, args.vocab)
+    max_length = args.prompt + args.new  # the same static mask width genai uses for its graph
+    provider = args.provider
+
+    failures: list[str] = []
+    runners = make_runners(args, model_dir, max_length, failures)
+    samples = timed_runs(runners, ids, args, failures)
+    ref_name = "engine no-graph" if "engine no-graph" in samples else next(iter(samples), None)
+    ref = samples[ref_name][0].tokens if ref_name else []
+    rows = []
+    for name, ss in samples.items():
+        rows.append(
+            Row(
+                name,
+                len(ss),
+                1e3 * statistics.median(s.ttft_s for s in ss),
+                1e3 * statistics.median(s.prefill_s for s in ss),
+                statistics.median(s.decode_tokens_per_s for s in ss),
+                first_divergence(ss[0].tokens, ref),
+            )
+        )
+        if any(s.tokens != ss[0].tokens for s in ss):
+            failures.append(f"{name}: tokens differ between repetitions")
+    if "engine cuda-graph" in samples and "engine no-graph" in samples:
+        graph_div = first_divergence(samples["engine cuda-graph"][0].tokens, samples["engine no-graph"][0].tokens)
+        if graph_div is not None:
+            failures.append(f"engine with CUDA graphs diverges from the engine without at token {graph_div}")
+    if "genai cuda-graph" in samples and ref_name and ref_name != "genai cuda-graph":
+        engine_name = "engine cuda-graph" if "engine cuda-graph" in samples else ref_name
+        genai_div = first_divergence(samples["genai cuda-graph"][0].tokens, samples[engine_name][0].tokens)
+        if genai_div is not None and genai_div < args.parity_tokens:
+            failures.append(
+                f"onnxruntime-genai diverges from {engine_name} at token {genai_div} (< {args.parity_tokens})"
+            )
+
+    n_copies = -1
+    try:
+        copies = memcpy_in_decode(model_dir, provider, ids, max_length)
+        n_copies = sum(len(c) for c in copies)
+        print(f"Memcpy nodes in the {len(copies)} profiled decode steps (no graph): {n_copies}")
+        if n_copies:
+            failures.append(f"{n_copies} Memcpy nodes in {len(copies)} decode steps: {copies[:2]}")
+    except Exception as e:  # report every problem in one device call
+        failures.append(f"profiled decode raised {type(e).__name__}: {e}")
+        traceback.print_exc()
+
+    title = f"phi4-mini-shaped fp16 int4, {args.layers} layers, vocab {args.vocab}, prompt {args.prompt}"
+    print(f"\n### {title}, new {args.new} ({provider}: {env['gpu']}, onnxruntime {env['onnxruntime']})\n")
+    print(f"| runner | reps | TTFT ms | prefill ms | decode tok/s | first divergence from {ref_name} |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        div = "none" if row.first_divergence is None else str(row.first_divergence)
+        print(
+            f"| {row.runner} | {row.reps} | {row.ttft_ms:.2f} | {row.prefill_ms:.2f} | {row.decode_tok_s:.1f} | {div} |"
+        )
+
+    out_dir = Path(args.out) if args.out else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{provider}-check-{dt.datetime.now():%Y%m%d-%H%M%S}-{host_name()}.json"
+    payload = {
+        "args": vars(args),
+        "env": env,
+        "rows": [asdict(r) for r in rows],
+        "memcpy_nodes": n_copies,
+        "failures": failures,
+    }
+    out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print(f"\nresults: {out}")
+    for r in runners.values():
+        r.close()
+    if failures:
+        print("\nFAILED:\n" + "\n".join(f"- {f}" for f in failures), file=sys.stderr)
+        return 1
+    print("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
