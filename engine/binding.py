@@ -19,6 +19,8 @@ writes) and ``host_ids`` (where the loop reads the token; here the same array).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnxruntime as ort
 
@@ -47,6 +49,9 @@ class FastBinding:
         if self.fast:
             self._c_io = c_io
             self._c_run = c_sess.run_with_iobinding
+            # the hot calls as C-level partials (instance attributes shadow the methods below)
+            self.run = functools.partial(c_sess.run_with_iobinding, c_io, run_options)
+            self.bind_input = c_io.bind_ortvalue_input
         self._devices: dict[str, object] = {}
 
     def value(self, ortvalue: ort.OrtValue):
@@ -152,6 +157,7 @@ class StepState:
 
         # (batch, 1) int64/int32, cpu: position of the decoded token
         self.position_ids = None
+        self._position_flat = None
         if spec.position_ids is not None:
             self.position_ids = np.zeros((batch, 1), dtype=spec.position_ids.dtype)
             self._position_flat = self.position_ids.reshape(-1)  # (batch,) view written per step
@@ -170,6 +176,8 @@ class StepState:
             }
 
         self.kv: StaticKVCache | GrowingKVCache = make_kv_cache(spec, batch, max_length, device)
+        self._grows = isinstance(self.kv, GrowingKVCache)  # presents must be handed back as past each step
+        self._mask_name = spec.attention_mask.name if spec.attention_mask is not None else ""
         bind.bind_output(spec.logits.name, bind.value(self._logits_value))
         self.kv.bind(bind, outputs_before=1)
 
@@ -216,19 +224,16 @@ class StepState:
     def decode_one_token(self) -> np.ndarray:
         """Run the token in ``next_ids`` at position ``length``; returns the new logits ``(batch, vocab)``."""
         length = self.length
+        bind = self.bind
         if self._mask_handles:
-            self.bind.bind_input(self._mask_name, self._mask_handles[length + 1])
-        if self.position_ids is not None:
+            bind.bind_input(self._mask_name, self._mask_handles[length + 1])
+        if self._position_flat is not None:
             self._position_flat[0] = length
-        self.bind.run()
+        bind.run()
         self.length = length + 1
-        self.kv.advance(self.bind)
+        if self._grows:
+            self.kv.advance(bind)
         return self.logits_2d
-
-    @property
-    def _mask_name(self) -> str:
-        assert self.spec.attention_mask is not None
-        return self.spec.attention_mask.name
 
 
 def is_static(spec: ModelSpec) -> bool:

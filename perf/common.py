@@ -259,12 +259,13 @@ class EngineRunner(Runner):
     def run_instrumented(self, ids: np.ndarray, n: int) -> Sample:
         """generate() with the step's ORT run (``StepState.bind.run``) wrapped by a perf_counter stamper."""
         bind = self.eng._state.bind
-        stamper = _Stamper(bind.run)
-        bind.run = stamper  # instance attribute shadows the method for this run
+        original = bind.run
+        stamper = _Stamper(original)
+        bind.run = stamper  # the step calls bind.run(); swap in the stamper for this request
         try:
             sample = self.run(ids, n)
         finally:
-            del bind.run
+            bind.run = original
         sample.step_s, sample.in_run_s = stamper.steps()
         return sample
 
