@@ -15,6 +15,7 @@ request. One Engine serves one request at a time; concurrent calls wait on a loc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -44,21 +45,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_LENGTH = 4096
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-_SAMPLING_KEYS = frozenset(
-    (
-        "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "seed",
-        "logprobs",
-    )
-)
+_SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 @dataclass

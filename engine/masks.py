@@ -14,9 +14,9 @@ the numpy references below run, after one warning.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+
+from engine._kernels import warn_not_built
 
 try:
     from engine._kernels import masks as _ckernels
@@ -96,19 +96,8 @@ def ref_advance(
     lengths[live] += 1
 
 
-_fallback_warned = False
-
-
 def _warn_fallback() -> None:
-    global _fallback_warned
-    if not _fallback_warned:
-        _fallback_warned = True
-        warnings.warn(
-            "engine._kernels.masks is not built; mask updates fall back to numpy "
-            "(build it with `python setup.py build_ext --inplace`)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    warn_not_built("masks", "mask updates")
 
 
 def _numpy_prepare_left_padded(

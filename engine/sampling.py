@@ -44,13 +44,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from engine._kernels import warn_not_built
 from engine.errors import InvalidRequestError
 
 try:
@@ -94,19 +94,9 @@ MAX_PENALTY = 2.0
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 
-_fallback_warned = False
-
 
 def _warn_fallback() -> None:
-    global _fallback_warned
-    if not _fallback_warned:
-        _fallback_warned = True
-        warnings.warn(
-            "engine._kernels.sampling is not built; sampling falls back to the slow numpy reference "
-            "(build it with `python setup.py build_ext --inplace`)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    warn_not_built("sampling", "sampling")
 
 
 # ------------------------------------------------------------------------------------------------------

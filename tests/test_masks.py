@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engine import masks
+from engine._kernels import warn_not_built
 
 COMPILED = masks._ckernels is not None
 NOT_BUILT = "engine._kernels.masks is not built (python setup.py build_ext --inplace)"
@@ -155,7 +156,7 @@ def test_failed_advance_writes_nothing(impl):
 
 
 def test_fallback_warns_once(monkeypatch):
-    monkeypatch.setattr(masks, "_fallback_warned", False)
+    warn_not_built.cache_clear()
     mask, lengths = np.zeros((1, 4), np.int64), np.array([1], np.int64)
     with pytest.warns(RuntimeWarning, match="not built"):
         masks._numpy_prepare_left_padded(lengths, mask[:, :1])

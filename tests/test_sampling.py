@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import sampling
+from engine._kernels import warn_not_built
 from engine.errors import InvalidRequestError
 from engine.sampling import (
     MAX_LOGPROBS,
@@ -500,7 +501,7 @@ def test_reset_errors(impl):
 
 def test_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(sampling, "_ckernels", None)
-    monkeypatch.setattr(sampling, "_fallback_warned", False)
+    warn_not_built.cache_clear()
     with pytest.warns(RuntimeWarning, match="not built"):
         assert Sampler(1, 10).impl == "numpy"
     with warnings.catch_warnings():
