@@ -1,0 +1,85 @@
+"""Hostile requests: any mix of valid and invalid arguments either works or raises an EngineError
+(never another exception, a hang or a crash), and the engine then answers a canonical request
+exactly as before."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engine
+from engine.testing.synthetic import SyntheticSpec, cached_model
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.just([1, 2]),
+    st.just({"a": 1}),
+    st.just({5: math.nan}),
+    st.just({10**9: 1.0}),
+    st.just({3: 2.0}),
+)
+PROMPTS = st.one_of(
+    st.text(max_size=40),
+    st.lists(st.integers(-5, 400), max_size=70),
+    st.lists(st.one_of(st.integers(0, 300), st.floats(), st.booleans(), st.none()), max_size=5),
+    st.just(np.array([1, 2, 3], dtype=np.int32)),
+    st.just(np.array([[1, 2]])),
+    st.just(np.array([1.5, 2.0])),
+    st.none(),
+    st.integers(),
+    st.just(b"bytes"),
+)
+KEYS = [
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "logprobs",
+    "stop",
+    "bogus_knob",
+]
+
+
+@pytest.fixture(scope="module")
+def eng(tmp_path_factory):
+    model_dir = cached_model(SyntheticSpec(layout="gqa", seed=61), tmp_path_factory.mktemp("fuzz"))
+    return engine.Engine(model_dir, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def canonical(eng):
+    return eng.generate([1, 5, 9], max_new_tokens=10).token_ids
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=PROMPTS,
+    max_new=st.one_of(st.none(), st.integers(-3, 80), st.floats(), st.text(max_size=2)),
+    kwargs=st.dictionaries(st.sampled_from(KEYS), ANY_VALUE, max_size=4),
+    stream=st.booleans(),
+)
+def test_any_request_succeeds_or_raises_engine_error(eng, canonical, prompt, max_new, kwargs, stream):
+    try:
+        if stream:
+            for chunk in eng.stream(prompt, max_new, **kwargs):
+                assert isinstance(chunk.token_id, int)
+        else:
+            res = eng.generate(prompt, max_new, **kwargs)
+            assert all(0 <= t < eng.spec.vocab_size for t in res.token_ids)
+    except engine.EngineError as e:
+        assert str(e)  # a message that says what was wrong
+    assert eng.generate([1, 5, 9], max_new_tokens=10).token_ids == canonical
