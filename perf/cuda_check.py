@@ -113,7 +113,7 @@ def memcpy_in_decode(model_dir: Path, provider: str, ids: np.ndarray, max_length
     from engine import Engine
     from engine.testing.ort_profile import load_runs
 
-    eng = Engine(model_dir, provider=provider, max_length=max_length, cuda_graph=False, profile=True)
+    eng = Engine(model_dir, provider=provider, max_length=max_length, cuda_graph=False, profile=True, warmup=False)
     eng.eos_token_ids = frozenset()
     trace: Path | None = None
     try:

@@ -140,7 +140,7 @@ def test_fp16_concat_parity_first_tokens(model_dirs, name):
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_no_memcpy_nodes_in_decode_steps(model_dirs, cuda_graph, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ORT writes the trace into the working directory
-    gpu = _cuda(model_dirs["gqa-fp16"], profile=True, cuda_graph=cuda_graph)
+    gpu = _cuda(model_dirs["gqa-fp16"], profile=True, cuda_graph=cuda_graph, warmup=False)
     gpu.eos_token_ids = frozenset()  # exactly 16 tokens
     gpu.generate(PROMPTS[0], max_new_tokens=16)
     runs = load_runs(gpu.session.end_profiling())

@@ -329,7 +329,7 @@ def test_kernel_instantiations_cover_every_dtype_pair():
 
 def test_profile_runs_parse_a_cpu_trace(model_dirs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ORT writes the trace into the working directory
-    eng = engine.Engine(model_dirs["gqa-fp32"], max_length=MAX_LENGTH, profile=True)
+    eng = engine.Engine(model_dirs["gqa-fp32"], max_length=MAX_LENGTH, profile=True, warmup=False)
     eng.generate(PROMPTS[0], max_new_tokens=5)
     runs = load_runs(eng.session.end_profiling())
     assert len(runs) == 5  # the prompt and 4 decode steps (the 5th token is chosen, not run)

@@ -134,6 +134,7 @@ def test_max_length_beyond_context(model_dir):
         ({"prompt": [1, -3]}, InvalidRequestError, "token id -3 is outside the vocabulary"),
         ({"prompt": [1, 2.0]}, InvalidRequestError, "token ids must be ints"),
         ({"prompt": [1, True]}, InvalidRequestError, "token ids must be ints"),
+        ({"prompt": [None]}, InvalidRequestError, "token ids must be ints"),  # found by the fuzz test
         ({"prompt": []}, InvalidRequestError, "prompt has no tokens"),
         ({"prompt": ""}, InvalidRequestError, "empty string"),
         ({"prompt": None}, InvalidRequestError, "prompt must be a str or a list of token ids"),
