@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import onnxruntime as ort
 
-from .config import KVLayout, ModelSpec
+from .config import ModelSpec
 from .kv_cache import GrowingKVCache, StaticKVCache, make_kv_cache
 
 
@@ -234,8 +234,3 @@ class StepState:
         if self._grows:
             self.kv.advance(bind)
         return self.logits_2d
-
-
-def is_static(spec: ModelSpec) -> bool:
-    """Whether the spec's layout uses the preallocated share-buffer cache."""
-    return spec.layout is KVLayout.GQA_SHARED

@@ -65,14 +65,10 @@ class GrowingKVCache:
         # (batch, kv_heads, 0, head_size) kv_dtype, or (2, batch, heads, 0, head_size) combined: the empty past
         self._empty = np.zeros(empty_shape, dtype=spec.kv_dtype)
         self._empty_values = [ort.OrtValue.ortvalue_from_numpy(self._empty) for _ in self.past_names]
-        self._first_present = 0  # index of present.0 among the binding's outputs (set in bind)
-        self.combined = spec.layout is KVLayout.COMBINED
-        self.bytes_per_token = spec.kv_bytes_per_token * batch
-        self.nbytes = 0  # grows with the sequence; reported per step by the engine
+        self.bytes_per_token = spec.kv_bytes_per_token * batch  # the cache grows by this per token
 
     def bind(self, bind: FastBinding, outputs_before: int = 0) -> None:
         """Bind the empty past and let ORT allocate the presents; ``outputs_before`` outputs are bound already."""
-        self._first_present = outputs_before
         self._pairs = list(enumerate(self.past_names, start=outputs_before))
         self._empty_handles = [bind.value(v) for v in self._empty_values]
         self.start(bind)
