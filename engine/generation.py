@@ -406,8 +406,21 @@ class Engine:
                 logits = st.decode_one_token()
             sampler.sample(logits, st.next_ids)
         t_end = time.perf_counter()
+        req.result = self._result(req, n, finish, (t0, t_first, t_end), logprobs if want_logprobs else None, top)
+        self.last_result = req.result
 
-        new_ids = out[:n].tolist()
+    def _result(
+        self,
+        req: _Request,
+        n: int,
+        finish: str,
+        times: tuple[float, float, float],
+        logprobs: list[float] | None,
+        top: list[dict[int, float]],
+    ) -> GenerationResult:
+        """The finished request's text, ids and stats (``times``: prefill start, first token, end)."""
+        t0, t_first, t_end = times
+        new_ids = self._out_ids[:n].tolist()
         if req.detok is not None:
             text = "".join(req.pieces)
         elif self.tokenizer is not None:
@@ -424,18 +437,17 @@ class Engine:
             decode_s=decode_s,
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=t_end - req.t_start,
-            kv_cache_bytes=st.kv_nbytes,
+            kv_cache_bytes=self._state.kv_nbytes,
         )
-        req.result = GenerationResult(
+        return GenerationResult(
             text=text,
             token_ids=new_ids,
             finish_reason=finish,
             stats=stats,
             prompt_ids=req.prompt_ids.tolist(),
-            logprobs=logprobs if want_logprobs else None,
-            top_logprobs=top if want_logprobs else None,
+            logprobs=logprobs,
+            top_logprobs=top if logprobs is not None else None,
         )
-        self.last_result = req.result
 
     @staticmethod
     def _text_of(req: _Request, tok: int, last: bool) -> tuple[str, bool]:
