@@ -10,11 +10,13 @@ TTFT and tok/s go to stderr at the end of each generation; the text goes to stdo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import EngineError
+from .sampling import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -38,16 +40,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
-_SAMPLING = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-)
+# the SamplingParams fields that have a plain --flag VALUE (do_sample is a switch; bias and logprobs are API-only)
+_NOT_FLAGS = ("do_sample", "logit_bias", "logprobs")
+_SAMPLING = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in _NOT_FLAGS)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ exactly as before."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -37,21 +38,7 @@ PROMPTS = st.one_of(
     st.integers(),
     st.just(b"bytes"),
 )
-KEYS = [
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "seed",
-    "logprobs",
-    "stop",
-    "bogus_knob",
-]
+KEYS = [f.name for f in dataclasses.fields(engine.SamplingParams)] + ["stop", "bogus_knob"]
 
 
 @pytest.fixture(scope="module")
