@@ -27,6 +27,7 @@ _LAZY = {
     "GenerationStats": "generation",
     "StreamChunk": "generation",
     "generate": "generation",
+    "estimate_kv_cache_bytes": "generation",
     "SamplingParams": "sampling",
 }
 
@@ -62,6 +63,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "available_providers",
+    "estimate_kv_cache_bytes",
     "generate",
     "load_model_spec",
 ]

@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from .config import ModelSpec
 from .kv_cache import GrowingKVCache, StaticKVCache, make_kv_cache
+from .masks import advance_packed, prepare_left_padded
 
 
 class FastBinding:
@@ -115,7 +116,14 @@ class FastBinding:
 
 
 class StepState:
-    """Preallocated, pre-bound buffers of one Engine (batch size 1 .. ``batch``, fixed max length)."""
+    """Preallocated, pre-bound buffers of one Engine: up to ``batch`` rows, fixed max length.
+
+    One request (:meth:`prefill` then :meth:`decode_one_token`) uses row 0. A batch of ``n`` rows
+    (:meth:`prefill_rows` then :meth:`decode_rows`) uses rows ``0:n`` of the same buffers, bound as
+    contiguous views of their leading rows; its mask is kept gap-free at the start of a flat buffer
+    (:func:`engine.masks.advance_packed`) so that a ``(n, width)`` OrtValue over it exists for every
+    width.
+    """
 
     def __init__(
         self,
@@ -135,25 +143,41 @@ class StepState:
         self.io = session.io_binding()
         self.bind = FastBinding(session, self.io, None)
         bind = self.bind
-        self.length = 0  # tokens in the KV cache (valid positions) after the last run
+        self.length = 0  # tokens in the KV cache (valid positions) after the last run; a batch: its width
+        self.rows = 1  # rows of the current request
 
+        def handles(array: np.ndarray) -> list:
+            """[None, view of row 0, rows 0:2, ..., rows 0:batch] as bindable handles (kept alive)."""
+            values = [ort.OrtValue.ortvalue_from_numpy(array[:n]) for n in range(1, batch + 1)]
+            self._keep.extend(values)
+            return [None] + [bind.value(v) for v in values]
+
+        self._keep: list[ort.OrtValue] = []
         ids_dtype = spec.input_ids.dtype
         # (batch, 1) int64/int32, cpu: the decode step's input; the sampler writes into next_ids
         self.input_ids = np.zeros((batch, 1), dtype=ids_dtype)
         self.next_ids = self.input_ids[:, 0]  # (batch,) view of input_ids
         # (batch,) the ids the generation loop reads; on the CPU they are next_ids itself (no copy)
         self.host_ids = self.next_ids
-        self._input_ids_value = ort.OrtValue.ortvalue_from_numpy(self.input_ids)
+        self._ids_handles = handles(self.input_ids)
 
-        # (batch, max_length) int64/int32, cpu: ones on valid positions; bound as a view of the current width
+        # (1, max_length) int64/int32, cpu: all ones; a single request binds a view of the current width
         self.mask = None
         self._mask_values: list[ort.OrtValue] = []
         self._mask_handles: list = []
         if spec.attention_mask is not None:
-            self.mask = np.ones((batch, max_length), dtype=spec.attention_mask.dtype)
+            self.mask = np.ones((1, max_length), dtype=spec.attention_mask.dtype)
             # OrtValues over mask[:, :w] for every width w, made once (a view of a (1, max) row is contiguous)
             self._mask_values = [ort.OrtValue.ortvalue_from_numpy(self.mask[:, :w]) for w in range(max_length + 1)]
             self._mask_handles = [bind.value(v) for v in self._mask_values]
+        # (batch * max_length,) int64/int32, cpu: a batch's (rows, width) mask, packed at the start;
+        # (rows, width) views and their handles are made per row count up to the widths a request needs
+        self.packed_mask = None
+        self._packed: dict[int, tuple[list[np.ndarray], list[ort.OrtValue], list]] = {}
+        if spec.attention_mask is not None and batch > 1:
+            self.packed_mask = np.zeros(batch * max_length, dtype=spec.attention_mask.dtype)
+        self.lengths = np.zeros(batch, np.int64)  # (batch,) tokens each row holds (padding not counted)
+        self.finished = np.zeros(batch, np.uint8)  # (batch,) 1 for rows that stopped: masked from then on
 
         # (batch, 1) int64/int32, cpu: position of the decoded token
         self.position_ids = None
@@ -161,12 +185,14 @@ class StepState:
         if spec.position_ids is not None:
             self.position_ids = np.zeros((batch, 1), dtype=spec.position_ids.dtype)
             self._position_flat = self.position_ids.reshape(-1)  # (batch,) view written per step
-            self._position_value = ort.OrtValue.ortvalue_from_numpy(self.position_ids)
+            self._position_handles = handles(self.position_ids)
 
         # (batch, 1, vocab) float32/float16, cpu: logits of the last position, written by ORT
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.logits.dtype)
         self.logits_2d = self.logits[:, 0, :]  # (batch, vocab) view handed to the sampler
-        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self._logits_handles = handles(self.logits)
+        self._logits_one = self.logits_2d[:1]  # (1, vocab) view: what a single request's steps return
+        self._logits_row_handles: dict[int, object] = {}  # row b -> handle of logits[b:b+1] (per-row prefill)
 
         # use_cache_branch (1,) bool of merged Optimum decoders: False for the prompt, True after
         self._cache_branch: dict[bool, ort.OrtValue] = {}
@@ -176,10 +202,14 @@ class StepState:
             }
 
         self.kv: StaticKVCache | GrowingKVCache = make_kv_cache(spec, batch, max_length, device)
-        self._grows = isinstance(self.kv, GrowingKVCache)  # presents must be handed back as past each step
+        self._static = isinstance(self.kv, StaticKVCache)
+        self._grows = not self._static  # presents must be handed back as past each step
         self._mask_name = spec.attention_mask.name if spec.attention_mask is not None else ""
-        bind.bind_output(spec.logits.name, bind.value(self._logits_value))
+        bind.bind_output(spec.logits.name, self._logits_handles[1])
         self.kv.bind(bind, outputs_before=1)
+        if self._static:
+            self.kv.bind_rows(bind, 0, 1)
+        self._bound_rows = 1  # rows the logits output and the KV cache are bound for
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -187,42 +217,72 @@ class StepState:
         """Bytes of KV cache held now (static: the whole preallocated buffer)."""
         if isinstance(self.kv, StaticKVCache):
             return self.kv.nbytes
-        return self.kv.bytes_per_token * self.length
+        return self.spec.kv_bytes_per_token * self.rows * self.length
 
-    def prefill(self, prompt_ids: np.ndarray) -> np.ndarray:
-        """Run the prompt ``(1, P)`` through the model; returns the last position's logits ``(1, vocab)``."""
+    def _bind_rows(self, n: int) -> None:
+        """Bind the logits output and the static KV cache for rows 0:n (no-op when already so)."""
+        if self._bound_rows != n:
+            self.bind.bind_output(self.spec.logits.name, self._logits_handles[n])
+            if self._static:
+                self.kv.bind_rows(self.bind, 0, n)
+            self._bound_rows = n
+
+    def _bind_decode_inputs(self, n: int) -> None:
+        """The decode-step bindings that stay fixed for the rest of a request of ``n`` rows."""
+        bind = self.bind
+        bind.bind_input(self.spec.input_ids.name, self._ids_handles[n])
+        if self.position_ids is not None:
+            bind.bind_input(self.spec.position_ids.name, self._position_handles[n])
+        if self._cache_branch:
+            bind.bind_input("use_cache_branch", bind.value(self._cache_branch[True]))
+
+    def _run_prompt(self, ids: np.ndarray, mask, positions: np.ndarray | None, logits_row: int) -> None:
+        """Run prompt ids ``(rows, P)`` with the bound KV; the last position's logits land in
+        ``logits[logits_row:logits_row + rows]`` (the bound logits output, or copied when ORT returns
+        every position because the graph was not edited). ``mask``: a handle or an array."""
         spec, io, bind = self.spec, self.io, self.bind
-        n = prompt_ids.shape[1]
-        self.kv.start(bind)
-        # (1, P) int64/int32, cpu: made per request (prefill may allocate; the decode loop may not)
-        ids = np.ascontiguousarray(prompt_ids, dtype=spec.input_ids.dtype)
         io.bind_cpu_input(spec.input_ids.name, ids)
         if self.mask is not None:
-            bind.bind_input(spec.attention_mask.name, self._mask_handles[n])
-        if self.position_ids is not None:
-            # (1, P) positions 0..P-1
-            io.bind_cpu_input(spec.position_ids.name, np.arange(n, dtype=spec.position_ids.dtype)[None, :])
+            if isinstance(mask, np.ndarray):
+                io.bind_cpu_input(spec.attention_mask.name, mask)
+            else:
+                bind.bind_input(spec.attention_mask.name, mask)
+        if positions is not None:
+            io.bind_cpu_input(spec.position_ids.name, positions)
         if self._cache_branch:
             bind.bind_input("use_cache_branch", bind.value(self._cache_branch[False]))
         if not self.last_token_logits:
-            bind.bind_output_device(spec.logits.name, "cpu")  # (1, P, vocab) allocated by ORT for this run only
+            bind.bind_output_device(spec.logits.name, "cpu")  # (rows, P, vocab) allocated by ORT for this run only
         bind.run()
         if not self.last_token_logits:
             full = io.get_outputs()[0].numpy()
-            self.logits[:, 0, :] = full[:, -1, :]
-            bind.bind_output(spec.logits.name, bind.value(self._logits_value))
+            rows = ids.shape[0]
+            self.logits[logits_row : logits_row + rows, 0, :] = full[:, -1, :]
+            self._bound_rows = 0  # the logits output is bound to ORT's memory: rebind before the next run
+
+    def _positions(self, n: int) -> np.ndarray | None:
+        """(1, n) positions 0..n-1 of a prompt, or None for models without position_ids."""
+        if self.position_ids is None:
+            return None
+        return np.arange(n, dtype=self.spec.position_ids.dtype)[None, :]
+
+    def prefill(self, prompt_ids: np.ndarray) -> np.ndarray:
+        """Run the prompt ``(1, P)`` through the model; returns the last position's logits ``(1, vocab)``."""
+        n = prompt_ids.shape[1]
+        self.rows = 1
+        self._bind_rows(1)
+        self.kv.start(self.bind, 1)
+        # (1, P) int64/int32, cpu: made per request (prefill may allocate; the decode loop may not)
+        ids = np.ascontiguousarray(prompt_ids, dtype=self.spec.input_ids.dtype)
+        self._run_prompt(ids, self._mask_handles[n] if self._mask_handles else None, self._positions(n), 0)
+        self._bind_rows(1)
         self.length = n
-        self.kv.advance(bind)
-        # decode-step bindings that stay fixed for the rest of the request
-        bind.bind_input(spec.input_ids.name, bind.value(self._input_ids_value))
-        if self.position_ids is not None:
-            bind.bind_input(spec.position_ids.name, bind.value(self._position_value))
-        if self._cache_branch:
-            bind.bind_input("use_cache_branch", bind.value(self._cache_branch[True]))
-        return self.logits_2d
+        self.kv.advance(self.bind)
+        self._bind_decode_inputs(1)
+        return self._logits_one
 
     def decode_one_token(self) -> np.ndarray:
-        """Run the token in ``next_ids`` at position ``length``; returns the new logits ``(batch, vocab)``."""
+        """Run the token in ``next_ids[0]`` at position ``length``; returns the new logits ``(1, vocab)``."""
         length = self.length
         bind = self.bind
         if self._mask_handles:
@@ -233,4 +293,92 @@ class StepState:
         self.length = length + 1
         if self._grows:
             self.kv.advance(bind)
+        return self._logits_one
+
+    # ----------------------------------------------------------------------------------------
+    # batches
+
+    def _packed_views(self, n: int, max_width: int) -> tuple[list[np.ndarray], list]:
+        """(n, w) views of the packed mask and their handles for w = 0..max_width (extended on demand)."""
+        views, values, handles = self._packed.setdefault(n, ([], [], []))
+        assert self.packed_mask is not None
+        for w in range(len(views), max_width + 1):
+            view = self.packed_mask[: n * w].reshape(n, w)
+            value = ort.OrtValue.ortvalue_from_numpy(view)
+            views.append(view)
+            values.append(value)
+            handles.append(self.bind.value(value))
+        return views, handles
+
+    def prefill_rows(self, prompts: list[np.ndarray], max_steps: int, pad_id: int = 0) -> np.ndarray:
+        """Prefill a batch of ``n`` prompts (1-D int64 arrays); returns the logits ``(n, vocab)``.
+
+        Share-buffer GQA caches run each prompt alone on its own row (``seqlens_k`` gives every row
+        its own length, so no padding enters the cache); growing caches run one left-padded
+        ``(n, width)`` prompt with the padding masked. After it, the mask is the left-padded
+        ``(n, width)`` one (packed) and :meth:`decode_rows` may run ``max_steps`` times.
+        """
+        if self.packed_mask is None:
+            raise ValueError("prefill_rows needs a StepState with batch > 1 and an attention_mask input")
+        spec, bind = self.spec, self.bind
+        n = len(prompts)
+        if not 1 <= n <= self.batch:
+            raise ValueError(f"prefill_rows takes 1 to {self.batch} prompts, got {n}")
+        lengths = self.lengths[:n]
+        lengths[:] = [p.size for p in prompts]
+        width = int(lengths.max())
+        if width + max_steps > self.max_length:
+            raise ValueError(f"width {width} + {max_steps} steps exceeds max_length {self.max_length}")
+        views, handles = self._packed_views(n, width + max_steps)
+        self.rows = n
+        ids_dtype = spec.input_ids.dtype
+        if self._static:
+            self._bound_rows = 0  # rebound below
+            for b, prompt in enumerate(prompts):
+                self.kv.bind_rows(bind, b, b + 1)
+                handle = self._logits_row_handles.get(b)
+                if handle is None:
+                    value = ort.OrtValue.ortvalue_from_numpy(self.logits[b : b + 1])
+                    self._keep.append(value)
+                    handle = self._logits_row_handles[b] = bind.value(value)
+                bind.bind_output(spec.logits.name, handle)
+                p = prompt.size
+                self._run_prompt(prompt[None, :].astype(ids_dtype), self._mask_handles[p], self._positions(p), b)
+        else:
+            self._bind_rows(n)
+            self.kv.start(bind, n)
+            ids = np.full((n, width), pad_id, dtype=ids_dtype)  # (n, width) left-padded prompts
+            for b, prompt in enumerate(prompts):
+                ids[b, width - prompt.size :] = prompt
+            mask = views[width]
+            positions = None
+            if self.position_ids is not None:
+                positions = np.zeros((n, width), dtype=spec.position_ids.dtype)  # (n, width), 0 on padding
+            prepare_left_padded(lengths, mask, positions)
+            self._run_prompt(ids, handles[width], positions, 0)
+            self.kv.advance(bind)
+        prepare_left_padded(lengths, views[width])
+        self.finished[:n] = 0
+        self._batch_views = (
+            self.position_ids[:n] if self.position_ids is not None else None,
+            lengths,
+            self.finished[:n],
+        )
+        self._packed_handles = handles
+        self.length = width
+        self._bind_rows(n)
+        self._bind_decode_inputs(n)
+        return self.logits_2d[:n]
+
+    def decode_rows(self) -> np.ndarray:
+        """One step of the batch: rows' tokens in ``next_ids[:n]``; rows with ``finished[b]`` set are
+        masked from now on. Returns the logits ``(batch, vocab)`` (rows 0:n valid)."""
+        width = self.length
+        positions, lengths, finished = self._batch_views
+        advance_packed(self.packed_mask, width, positions, lengths, finished)
+        self.bind.bind_input(self._mask_name, self._packed_handles[width + 1])
+        self.bind.run()
+        self.length = width + 1
+        if self._grows:
+            self.kv.advance(self.bind)
         return self.logits_2d

@@ -16,13 +16,14 @@ request. One Engine serves one request at a time; concurrent calls wait on a loc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from .errors import (
     InvalidRequestError,
 )
 from .graph import load_for_generation
+from .kv_cache import kv_cache_bytes_needed
 from .providers import CUDA_EP, SessionConfig, create_session, resolve_provider, session_options
 from .sampling import Sampler, SamplingParams
 from .stopping import StopStringMatcher
@@ -103,6 +105,30 @@ class _Request:
     result: GenerationResult | None = None
 
 
+_log = logging.getLogger("engine")
+
+
+def estimate_kv_cache_bytes(
+    model_dir: str | os.PathLike[str], max_length: int | None = None, max_batch: int = 1
+) -> int:
+    """Bytes of KV cache ``Engine(model_dir, max_length=..., max_batch=...)`` would need, from the
+    model's config alone (nothing is allocated). ``max_length`` defaults as in :class:`Engine`."""
+    spec = load_model_spec(model_dir)
+    length = min(spec.context_length, DEFAULT_MAX_LENGTH) if max_length is None else max_length
+    return kv_cache_bytes_needed(spec, length, max_batch)
+
+
+def _is_batch(prompt: object) -> bool:
+    """A list/tuple of prompts (strs, sequences of ids or arrays), or a 2-D array of ids."""
+    if isinstance(prompt, np.ndarray):
+        return prompt.ndim == 2
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+    )
+
+
 def _available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
     try:
@@ -132,6 +158,9 @@ class Engine:
             CUDA, the sampler of the host fallback (penalties, min-p, logit bias, logprobs).
         profile: turn on ORT's profiler (``end_profiling()`` writes the JSON trace).
         warmup: run one tiny request at load so that the first real request is not slower.
+        max_batch: the most prompts one forward pass serves. ``generate()`` with a list of prompts
+            runs them ``max_batch`` at a time; the KV cache holds ``max_batch`` rows (the memory check
+            counts them). 1 (default): a list runs prompt by prompt. CPU only for now.
         cuda_graph: CUDA only (ignored on the CPU): capture the decode step as a CUDA graph.
             ``None`` (default): on for float16 GroupQueryAttention share-buffer models, off otherwise
             (and off with a warning if ORT refuses to capture the model); ``True`` on a model that
@@ -153,11 +182,20 @@ class Engine:
         profile: bool = False,
         cuda_graph: bool | None = None,
         warmup: bool = True,
+        max_batch: int = 1,
     ) -> None:
+        if not isinstance(max_batch, (int, np.integer)) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1024:
+            raise InvalidRequestError(f"max_batch must be an int in 1..1024, got {max_batch!r}")
+        self.max_batch = int(max_batch)
         self.spec: ModelSpec = load_model_spec(model_dir)
         spec = self.spec
         self.provider = resolve_provider(provider)
         on_cuda = self.provider == CUDA_EP
+        if on_cuda and self.max_batch > 1:
+            raise InvalidRequestError(
+                f"max_batch={self.max_batch}: batched generation runs on the CPU provider only for now; "
+                "use max_batch=1 with provider='cuda'"
+            )
         if on_cuda:
             from .cuda import import_cupy, resolve_cuda_graph
 
@@ -217,9 +255,14 @@ class Engine:
             self.session, self._state, self._sampler, self.cuda_graph = rt.session, rt.state, rt.sampler, rt.cuda_graph
         else:
             self.session = create_session(model, self.provider, so)
-            self._state = StepState(self.session, spec, batch=1, max_length=self.max_length, last_token_logits=edited)
-            self._sampler = Sampler(1, spec.vocab_size, impl=sampler_impl)
-        self._out_ids = np.zeros(self.max_length, dtype=np.int64)  # (max_length,) new token ids of a request
+            self._state = StepState(
+                self.session, spec, batch=self.max_batch, max_length=self.max_length, last_token_logits=edited
+            )
+            self._sampler = Sampler(self.max_batch, spec.vocab_size, impl=sampler_impl)
+        # (max_batch, max_length) int64: new token ids of a request's rows
+        self._out_ids = np.zeros((self.max_batch, self.max_length), dtype=np.int64)
+        pad = spec.pad_token_id
+        self._pad_id = pad if pad is not None and 0 <= pad < spec.vocab_size else 0  # left padding of batches
         self._lock = threading.Lock()
         self.chat_template: str | None = load_chat_template(spec.model_dir)
         self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
@@ -252,15 +295,20 @@ class Engine:
         return max_length
 
     def _check_memory(self) -> None:
-        if self.spec.layout is not KVLayout.GQA_SHARED:
-            return
-        need = self.spec.kv_bytes_per_token * self.max_length
+        need = kv_cache_bytes_needed(self.spec, self.max_length, self.max_batch)
+        _log.info(
+            "KV cache: %d bytes (%.1f MiB) for max_length %d x max_batch %d",
+            need,
+            need / 2**20,
+            self.max_length,
+            self.max_batch,
+        )
         avail = _available_memory()
         if avail is not None and need > 0.8 * avail:
             raise InsufficientMemoryError(
-                f"the KV cache for max_length {self.max_length} needs {need / 2**30:.2f} GiB "
-                f"({self.spec.kv_bytes_per_token} bytes/token) but only {avail / 2**30:.2f} GiB is available; "
-                "pass a smaller max_length"
+                f"the KV cache for max_length {self.max_length} x max_batch {self.max_batch} needs "
+                f"{need / 2**30:.2f} GiB ({self.spec.kv_bytes_per_token} bytes/token/row) but only "
+                f"{avail / 2**30:.2f} GiB is available; pass a smaller max_length or max_batch"
             )
 
     @property
@@ -291,7 +339,7 @@ class Engine:
             if bad:
                 raise InvalidRequestError(
                     f"token ids must be ints, found {bad[0]!r} ({type(bad[0]).__name__}); "
-                    "batched prompts are not supported yet"
+                    "a batch is a list of prompts, each a str or a list of ints"
                 )
             ids = np.asarray(prompt, dtype=np.int64)
         else:
@@ -360,7 +408,7 @@ class Engine:
 
     def _steps(self, req: _Request, stream: bool) -> Iterator[StreamChunk]:
         """Prefill, then decode until EOS, a stop string or max_new_tokens. Sets ``req.result``."""
-        st, sampler, out = self._state, self._sampler, self._out_ids
+        st, sampler, out = self._state, self._sampler, self._out_ids[0]
         host_ids = st.host_ids  # (batch,) host ids the sampler leaves; on the CPU this is next_ids itself
         eos = self.eos_token_ids
         switch = self.spec.rope_switch_length  # None for most models
@@ -406,21 +454,151 @@ class Engine:
                 logits = st.decode_one_token()
             sampler.sample(logits, st.next_ids)
         t_end = time.perf_counter()
-        req.result = self._result(req, n, finish, (t0, t_first, t_end), logprobs if want_logprobs else None, top)
+        req.result = self._result(req, out[:n], finish, (t0, t_first, t_end), logprobs if want_logprobs else None, top)
         self.last_result = req.result
+
+    def _batch_steps(self, reqs: list[_Request]) -> None:
+        """Prefill ``reqs`` together, then decode them one forward per step until every row has
+        stopped; a stopped row is masked and no longer counted. Sets each ``req.result``."""
+        st, sampler, out, finished = self._state, self._sampler, self._out_ids, self._state.finished
+        host_ids = st.host_ids
+        eos = self.eos_token_ids
+        n = len(reqs)
+        sampler.reset([r.params for r in reqs], [r.prompt_ids for r in reqs])
+        want = [r.params.logprobs is not None for r in reqs]
+        logprobs: list[list[float]] = [[] for _ in reqs]
+        top: list[list[dict[int, float]]] = [[] for _ in reqs]
+        counts = [0] * n
+        finish = ["length"] * n
+        t_end = [0.0] * n
+        max_steps = max(r.max_new_tokens for r in reqs) - 1
+
+        t0 = time.perf_counter()
+        logits = st.prefill_rows([r.prompt_ids for r in reqs], max_steps, self._pad_id)
+        sampler.sample(logits, st.next_ids, n)
+        t_first = time.perf_counter()
+        live = n
+        while True:
+            for b in range(n):
+                if finished[b]:
+                    continue
+                req = reqs[b]
+                tok = int(host_ids[b])
+                out[b, counts[b]] = tok
+                counts[b] += 1
+                last = False
+                if tok in eos:
+                    finish[b], last = "eos", True
+                elif counts[b] >= req.max_new_tokens:
+                    last = True
+                if want[b]:
+                    logprobs[b].append(float(sampler.logprobs[b]))
+                    k = req.params.logprobs or 0
+                    top[b].append(
+                        {
+                            int(i): float(v)
+                            for i, v in zip(sampler.top_ids[b, :k], sampler.top_logprobs[b, :k], strict=True)
+                        }
+                    )
+                if req.detok is not None:
+                    piece, stopped = self._text_of(req, tok, last)
+                    if stopped:
+                        finish[b], last = "stop", True
+                    req.pieces.append(piece)
+                if last:
+                    finished[b] = 1  # masked from the next step on
+                    t_end[b] = time.perf_counter()
+                    live -= 1
+            if not live:
+                break
+            logits = st.decode_rows()
+            sampler.sample(logits, st.next_ids, n)
+        for b, req in enumerate(reqs):
+            lp = logprobs[b] if want[b] else None
+            req.result = self._result(req, out[b, : counts[b]], finish[b], (t0, t_first, t_end[b]), lp, top[b])
+
+    def _batchable(self, reqs: list[_Request]) -> bool:
+        """Whether ``reqs`` can share forward passes (else they run one by one, with the same results)."""
+        if len(reqs) < 2 or self._state.packed_mask is None:
+            return False
+        width = max(r.prompt_ids.size for r in reqs)
+        steps = max(r.max_new_tokens for r in reqs)
+        # left padding: the batch is as long as its longest prompt plus its longest generation
+        if width + steps > self.max_length:
+            return False
+        switch = self.spec.rope_switch_length
+        # a LongRoPE switch applies to the whole batch at once: keep batches below it
+        return switch is None or width + steps <= switch
+
+    def _prepare_batch(
+        self,
+        prompts: Sequence[Any] | np.ndarray,
+        max_new_tokens: int | Sequence[int] | None,
+        stop: Sequence[str] | str | None,
+        sampling: Mapping[str, Any],
+    ) -> list[_Request]:
+        """Check every row of a batch before anything runs; per-row values are lists of one per prompt."""
+        n = len(prompts)
+        if n == 0:
+            raise InvalidRequestError("the batch is empty; give at least one prompt")
+
+        def per_row(name: str, value: Any) -> list[Any]:
+            if isinstance(value, (list, tuple)):
+                if len(value) != n:
+                    raise InvalidRequestError(
+                        f"{name} has {len(value)} entries for {n} prompts; give one value, or one per prompt"
+                    )
+                return list(value)
+            return [value] * n
+
+        rows_new = per_row("max_new_tokens", max_new_tokens)
+        rows_sampling = [dict.fromkeys(sampling) for _ in range(n)]
+        for key, value in sampling.items():
+            for row, v in zip(rows_sampling, per_row(key, value), strict=True):
+                row[key] = v
+        if max_new_tokens is None:
+            # one default for the whole batch: the room its longest prompt leaves
+            ids = [self._prompt_ids(p) for p in prompts]
+            room = self.max_length - max(i.size for i in ids)
+            rows_new = [room if room >= 1 else None] * n
+        reqs = []
+        for b in range(n):
+            try:
+                reqs.append(self._prepare(prompts[b], rows_new[b], stop, rows_sampling[b], stream=False))
+            except InvalidRequestError as e:
+                raise type(e)(f"prompt {b} of the batch: {e}") from e
+        return reqs
+
+    def _run_batch(self, reqs: list[_Request]) -> list[GenerationResult]:
+        """Run ``reqs`` in groups of ``max_batch`` (the caller holds the lock)."""
+        for start in range(0, len(reqs), self.max_batch):
+            group = reqs[start : start + self.max_batch]
+            if self._batchable(group):
+                self._batch_steps(group)
+            else:
+                for req in group:
+                    for _ in self._steps(req, stream=False):
+                        pass
+        results = []
+        for r in reqs:
+            assert r.result is not None
+            results.append(r.result)
+        return results
 
     def _result(
         self,
         req: _Request,
-        n: int,
+        ids: np.ndarray,
         finish: str,
         times: tuple[float, float, float],
         logprobs: list[float] | None,
         top: list[dict[int, float]],
     ) -> GenerationResult:
-        """The finished request's text, ids and stats (``times``: prefill start, first token, end)."""
+        """The finished request's text, ids and stats (``ids``: its new tokens; ``times``: prefill
+        start, first token, end)."""
         t0, t_first, t_end = times
-        new_ids = self._out_ids[:n].tolist()
+        new_ids = ids.tolist()
+        n = len(new_ids)
         if req.detok is not None:
             text = "".join(req.pieces)
         elif self.tokenizer is not None:
@@ -466,14 +644,44 @@ class Engine:
     # ----------------------------------------------------------------------------------------
     # public API
 
+    @overload
     def generate(
         self,
-        prompt: str | Sequence[int] | np.ndarray,
+        prompt: str | Sequence[int],
         max_new_tokens: int | None = None,
         *,
         stop: Sequence[str] | str | None = None,
         **sampling: Any,
-    ) -> GenerationResult:
+    ) -> GenerationResult: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: Sequence[str | Sequence[int] | np.ndarray],
+        max_new_tokens: int | Sequence[int] | None = None,
+        *,
+        stop: Sequence[str] | str | None = None,
+        **sampling: Any,
+    ) -> list[GenerationResult]: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: np.ndarray,
+        max_new_tokens: int | Sequence[int] | None = None,
+        *,
+        stop: Sequence[str] | str | None = None,
+        **sampling: Any,
+    ) -> GenerationResult | list[GenerationResult]: ...
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[str | Sequence[int] | np.ndarray] | np.ndarray,
+        max_new_tokens: int | Sequence[int] | None = None,
+        *,
+        stop: Sequence[str] | str | None = None,
+        **sampling: Any,
+    ) -> GenerationResult | list[GenerationResult]:
         """Generate a continuation of ``prompt`` (text, or token ids used as given: no BOS added).
 
         Greedy unless ``do_sample=True`` (or the model's genai_config search section says so).
@@ -482,10 +690,27 @@ class Engine:
         defaults to the room left in ``max_length``. Stops at any EOS id, at a ``stop`` string
         (not included in the text) or after ``max_new_tokens``.
 
+        A batch: ``prompt`` a list of prompts (strs or lists of ids, or a 2-D id array) gives a list
+        of results, one per prompt, each with its own finish_reason and stats; the Engine's
+        ``max_batch`` prompts share each forward pass. ``max_new_tokens`` and each sampling
+        argument take one value for all rows or a list of one per row; its default is the room the
+        longest prompt leaves. Every row's tokens equal those of the same request made alone (a
+        seeded row draws the stream that seed gives alone: give rows different seeds for different
+        samples).
+
         Raises :class:`~engine.errors.InvalidRequestError` (a ValueError) for bad arguments and
         :class:`~engine.errors.ContextLengthError` when the request does not fit ``max_length``.
         """
-        req = self._prepare(prompt, max_new_tokens, stop, sampling, stream=False)
+        if _is_batch(prompt):
+            reqs = self._prepare_batch(cast(Sequence[Any], prompt), max_new_tokens, stop, sampling)
+            with self._lock:
+                return self._run_batch(reqs)
+        if not isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens is not None:
+            raise InvalidRequestError(
+                f"max_new_tokens must be a positive int for one prompt, got {max_new_tokens!r} "
+                "(a list of values is for a batch of prompts)"
+            )
+        req = self._prepare(cast(Any, prompt), max_new_tokens, stop, sampling, stream=False)
         with self._lock:
             for _ in self._steps(req, stream=False):
                 pass
@@ -504,7 +729,10 @@ class Engine:
 
         The arguments are checked before the first chunk (errors raise at the call). Leaving the
         loop early (or ``close()`` on the iterator) ends the request and frees the engine.
+        One prompt only (batches go to :meth:`generate`).
         """
+        if _is_batch(prompt):
+            raise InvalidRequestError("stream() takes one prompt; pass a list of prompts to generate() for a batch")
         req = self._prepare(prompt, max_new_tokens, stop, sampling, stream=True)
         return self._stream(req)
 

@@ -38,16 +38,30 @@ class StaticKVCache:
         self.names = list(zip(spec.past_names, spec.present_names, strict=True))
         # (batch, kv_heads, max_length, head_size) kv_dtype, cpu: one per layer and K/V
         self.buffers = [np.zeros(shape, dtype=spec.kv_dtype) for _ in self.names]
-        self.values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]
+        self.batch = batch
         self.nbytes = len(self.names) * int(np.prod(shape)) * spec.kv_dtype.itemsize
+        # (rows start, rows stop) -> handles of the buffers' views of those rows, made on first use
+        self._row_handles: dict[tuple[int, int], list] = {}
 
     def bind(self, bind: FastBinding, outputs_before: int = 0) -> None:
-        """Bind every buffer as both past input and present output (done once)."""
-        for (past, present), value in zip(self.names, self.values, strict=True):
-            bind.bind_input(past, bind.value(value))
-            bind.bind_output(present, bind.value(value))
+        """Bind every buffer (all ``batch`` rows) as both past input and present output."""
+        self.bind_rows(bind, 0, self.batch)
 
-    def start(self, bind: FastBinding) -> None:
+    def bind_rows(self, bind: FastBinding, start: int, stop: int) -> None:
+        """Bind rows ``start:stop`` of every buffer as past and present (a contiguous view: no copy).
+
+        A batch of ``n`` rows decodes on rows ``0:n``; a row's own prompt is prefilled on ``b:b+1``.
+        """
+        handles = self._row_handles.get((start, stop))
+        if handles is None:
+            # OrtValues over views of the buffers (views of leading rows are contiguous), kept alive here
+            values = [ort.OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self.buffers]
+            handles = self._row_handles[start, stop] = [(v, bind.value(v)) for v in values]
+        for (past, present), (_, handle) in zip(self.names, handles, strict=True):
+            bind.bind_input(past, handle)
+            bind.bind_output(present, handle)
+
+    def start(self, bind: FastBinding, rows: int | None = None) -> None:
         """Nothing to reset: the attention mask, not the buffer contents, says which rows are valid."""
 
     def advance(self, bind: FastBinding) -> None:
@@ -61,22 +75,28 @@ class GrowingKVCache:
         self.past_names = spec.past_names
         self.present_names = spec.present_names
         self.device = device
-        empty_shape = spec.kv_shape(batch, 0)
-        # (batch, kv_heads, 0, head_size) kv_dtype, or (2, batch, heads, 0, head_size) combined: the empty past
-        self._empty = np.zeros(empty_shape, dtype=spec.kv_dtype)
-        self._empty_values = [ort.OrtValue.ortvalue_from_numpy(self._empty) for _ in self.past_names]
-        self.bytes_per_token = spec.kv_bytes_per_token * batch  # the cache grows by this per token
+        self.spec = spec
+        self.batch = batch
+        self.bytes_per_token = spec.kv_bytes_per_token * batch  # the cache grows by this per token (all rows)
+        # rows -> (empty past array, its OrtValue, its handle), made on first use
+        self._empty: dict[int, tuple] = {}
 
     def bind(self, bind: FastBinding, outputs_before: int = 0) -> None:
         """Bind the empty past and let ORT allocate the presents; ``outputs_before`` outputs are bound already."""
         self._pairs = list(enumerate(self.past_names, start=outputs_before))
-        self._empty_handles = [bind.value(v) for v in self._empty_values]
-        self.start(bind)
+        self.start(bind, self.batch)
 
-    def start(self, bind: FastBinding) -> None:
-        """Start a new sequence: empty past, presents allocated by ORT."""
-        for name, handle in zip(self.past_names, self._empty_handles, strict=True):
-            bind.bind_input(name, handle)
+    def start(self, bind: FastBinding, rows: int | None = None) -> None:
+        """Start new sequences of ``rows`` rows (default: the cache's batch): empty past, presents by ORT."""
+        rows = self.batch if rows is None else rows
+        entry = self._empty.get(rows)
+        if entry is None:
+            # (rows, kv_heads, 0, head_size) kv_dtype, or (2, rows, heads, 0, head_size) combined: the empty past
+            empty = np.zeros(self.spec.kv_shape(rows, 0), dtype=self.spec.kv_dtype)
+            value = ort.OrtValue.ortvalue_from_numpy(empty)
+            entry = self._empty[rows] = (empty, value, bind.value(value))
+        for name in self.past_names:
+            bind.bind_input(name, entry[2])
         self._bind_presents(bind)
 
     def _bind_presents(self, bind: FastBinding) -> None:
@@ -96,3 +116,13 @@ def make_kv_cache(spec: ModelSpec, batch: int, max_length: int, device: str = "c
     if spec.layout is KVLayout.GQA_SHARED:
         return StaticKVCache(spec, batch, max_length, device)
     return GrowingKVCache(spec, batch, device)
+
+
+def kv_cache_bytes_needed(spec: ModelSpec, max_length: int, batch: int = 1) -> int:
+    """Bytes of KV cache an Engine of ``batch`` rows and ``max_length`` tokens needs at its peak.
+
+    Share-buffer GQA: exactly the buffers allocated at load. Growing layouts: a full-length step
+    holds the past and the one-token-longer present at once, so twice the full cache.
+    """
+    full = spec.kv_bytes_per_token * max_length * batch
+    return full if spec.layout is KVLayout.GQA_SHARED else 2 * full

@@ -3,9 +3,14 @@
 Layout. A batch of prompts is left-padded into ``width`` columns: row ``b`` holds its ``lengths[b]``
 tokens in the last ``lengths[b]`` columns. The mask is 0 on padding and 1 on tokens; positions count
 from the row's first token (0, 1, ...) and are 0 on padding (those columns are masked, any in-range
-value would do). Each decode step appends one column: the engine keeps a static
-``(batch, max_length)`` mask, binds a view of the current width, and calls :func:`advance`, which
-marks the new column (0 for finished rows), writes the new token's position and counts it.
+value would do). Each decode step appends one column, marked 1 (0 for finished rows), writes the
+new token's position and counts it:
+
+* :func:`advance` writes into a static ``(batch, max_length)`` mask whose view of the current width
+  is bound (contiguous only for batch 1);
+* :func:`advance_packed` keeps the ``(batch, width)`` mask gap-free at the start of a flat buffer
+  (rows moved one place per row per step) so that it can be bound as is for any batch size; the
+  engine's batched decode uses it.
 
 Arrays are int32 or int64 (each may differ), written in place, with contiguous rows; views of wider
 buffers are fine. The compiled kernels (``engine._kernels.masks``) are used when built; otherwise
@@ -23,7 +28,14 @@ try:
 except ImportError:  # the extension is not built: the numpy reference takes over (with one warning)
     _ckernels = None
 
-__all__ = ["advance", "prepare_left_padded", "ref_advance", "ref_prepare_left_padded"]
+__all__ = [
+    "advance",
+    "advance_packed",
+    "prepare_left_padded",
+    "ref_advance",
+    "ref_advance_packed",
+    "ref_prepare_left_padded",
+]
 
 
 def _int_array(a: np.ndarray, name: str, ndim: int) -> None:
@@ -96,6 +108,42 @@ def ref_advance(
     lengths[live] += 1
 
 
+def ref_advance_packed(
+    mask: np.ndarray,
+    width: int,
+    position_ids: np.ndarray | None,
+    lengths: np.ndarray,
+    finished: np.ndarray,
+) -> None:
+    """numpy reference of :func:`advance_packed`."""
+    _int_array(mask, "mask", 1)
+    _int_array(lengths, "lengths", 1)
+    batch = lengths.shape[0]
+    if not isinstance(finished, np.ndarray) or finished.dtype not in (np.uint8, np.bool_):
+        raise ValueError("finished must be a uint8 or bool numpy array")
+    if finished.shape != (batch,):
+        raise ValueError(f"finished has {finished.shape[0]} entries, lengths {batch}")
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    if mask.shape[0] < batch * (width + 1):
+        raise ValueError(
+            f"mask holds {mask.shape[0]} entries, fewer than batch * (width + 1) = {batch * (width + 1)} "
+            "(the sequence would exceed max_length)"
+        )
+    if position_ids is not None:
+        _int_array(position_ids, "position_ids", 2)
+        if position_ids.shape != (batch, 1):
+            raise ValueError(f"position_ids must have shape ({batch}, 1), got {position_ids.shape}")
+    live = finished == 0
+    old = mask[: batch * width].reshape(batch, width).copy()
+    new = mask[: batch * (width + 1)].reshape(batch, width + 1)
+    new[:, :width] = old
+    new[:, width] = live
+    if position_ids is not None:
+        position_ids[live, 0] = lengths[live]
+    lengths[live] += 1
+
+
 def _warn_fallback() -> None:
     warn_not_built("masks", "mask updates")
 
@@ -127,10 +175,29 @@ def _numpy_advance(
     ref_advance(attention_mask, position_ids, lengths, finished, column)
 
 
+def _numpy_advance_packed(
+    mask: np.ndarray,
+    width: int,
+    position_ids: np.ndarray | None,
+    lengths: np.ndarray,
+    finished: np.ndarray,
+) -> None:
+    """One decode step of a batch whose mask is bound as a gap-free (batch, width) array.
+
+    mask: 1-D buffer holding the (batch, width) row-major mask, rewritten in place as
+    (batch, width + 1): each row gains a last column, 1 (0 for finished rows). Rows not finished get
+    position_ids[b, 0] = lengths[b] and lengths[b] += 1.
+    """
+    _warn_fallback()
+    ref_advance_packed(mask, width, position_ids, lengths, finished)
+
+
 if _ckernels is not None:
     # the compiled functions themselves, so the decode loop pays no extra Python call
     prepare_left_padded = _ckernels.prepare_left_padded
     advance = _ckernels.advance
+    advance_packed = _ckernels.advance_packed
 else:
     prepare_left_padded = _numpy_prepare_left_padded
     advance = _numpy_advance
+    advance_packed = _numpy_advance_packed

@@ -5,6 +5,7 @@
 # loops without it. Directives are set once in setup.py.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.string cimport memmove
 
 cimport numpy as cnp
 
@@ -203,6 +204,78 @@ def advance(attention_mask, position_ids, lengths, finished, Py_ssize_t column=-
             _advance_mask(<int64_t*>mp, ms, batch, lp, len64, fp, column)
         else:
             _advance_mask(<int32_t*>mp, ms, batch, lp, len64, fp, column)
+        if pp != NULL:
+            if pos64:
+                _advance_positions(<int64_t*>pp, pst, batch, lp, len64, fp)
+            else:
+                _advance_positions(<int32_t*>pp, pst, batch, lp, len64, fp)
+        if len64:
+            _advance_lengths(<int64_t*>lp, batch, fp)
+        else:
+            _advance_lengths(<int32_t*>lp, batch, fp)
+
+
+# ----------------------------------------------------------------------------------------------------
+# advance_packed
+
+cdef void _relayout_append(index_t* mask, Py_ssize_t batch, Py_ssize_t width,
+                           const uint8_t* finished) noexcept nogil:
+    """(batch, width) row-major -> (batch, width + 1) in place, new column 1 (0 for finished rows)."""
+    cdef Py_ssize_t b
+    cdef size_t row_bytes = <size_t>width * sizeof(index_t)
+    for b in range(batch - 1, -1, -1):
+        # destinations lie at or after the sources, and later rows moved out first: memmove is safe
+        if b > 0 and width > 0:
+            memmove(mask + b * (width + 1), mask + b * width, row_bytes)
+        mask[b * (width + 1) + width] = 0 if finished[b] else 1
+
+
+def advance_packed(mask, Py_ssize_t width, position_ids, lengths, finished):
+    """One decode step of a batch whose mask is packed: bound as a (batch, width) array with no gaps.
+
+    mask: 1-D int32/int64, contiguous, holding the (batch, width) row-major mask in its first
+    batch * width entries and room for batch * (width + 1). It is rewritten in place as the
+    (batch, width + 1) mask: every row keeps its columns and gains a last one, 1 for rows not
+    finished and 0 for finished rows. position_ids: (batch, 1) int32/int64 or None; lengths:
+    (batch,) int32/int64; finished: (batch,) uint8 or bool. Rows not finished also get
+    position_ids[b, 0] = lengths[b] and lengths[b] += 1, as in :func:`advance`.
+    Raises ValueError, writing nothing, on a bad argument.
+    """
+    cdef cnp.ndarray mk = _array(mask, "mask", 1, True)
+    cdef cnp.ndarray ln = _array(lengths, "lengths", 1, True)
+    cdef cnp.ndarray fin = _array(finished, "finished", 1, False)
+    cdef cnp.ndarray ps
+    cdef bint mask64 = _is_int64(mk, "mask")
+    cdef bint len64 = _is_int64(ln, "lengths")
+    cdef bint pos64 = False
+    cdef Py_ssize_t batch = cnp.PyArray_DIMS(ln)[0]
+    if cnp.PyArray_TYPE(fin) != cnp.NPY_UINT8 and cnp.PyArray_TYPE(fin) != cnp.NPY_BOOL:
+        raise ValueError(f"finished must be uint8 or bool, got {fin.dtype}")
+    if cnp.PyArray_DIMS(fin)[0] != batch:
+        raise ValueError(f"finished has {fin.shape[0]} entries, lengths {batch}")
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    if cnp.PyArray_DIMS(mk)[0] < batch * (width + 1):
+        raise ValueError(f"mask holds {mk.shape[0]} entries, fewer than batch * (width + 1) = "
+                         f"{batch * (width + 1)} (the sequence would exceed max_length)")
+    if position_ids is not None:
+        ps = _array(position_ids, "position_ids", 2, True)
+        pos64 = _is_int64(ps, "position_ids")
+        if cnp.PyArray_DIMS(ps)[0] != batch or cnp.PyArray_DIMS(ps)[1] != 1:
+            raise ValueError(f"position_ids must have shape ({batch}, 1), got {(<object>ps).shape}")
+    cdef void* mp = cnp.PyArray_DATA(mk)
+    cdef void* lp = cnp.PyArray_DATA(ln)
+    cdef const uint8_t* fp = <const uint8_t*>cnp.PyArray_DATA(fin)
+    cdef void* pp = NULL
+    cdef Py_ssize_t pst = 0
+    if position_ids is not None:
+        pp = cnp.PyArray_DATA(ps)
+        pst = _row_stride(ps)
+    with nogil:
+        if mask64:
+            _relayout_append(<int64_t*>mp, batch, width, fp)
+        else:
+            _relayout_append(<int32_t*>mp, batch, width, fp)
         if pp != NULL:
             if pos64:
                 _advance_positions(<int64_t*>pp, pst, batch, lp, len64, fp)

@@ -129,3 +129,64 @@ def test_whole_request_memory_does_not_scale_with_tokens(eng):
         tracemalloc.stop()
     # 190 more tokens may only cost their ids in the result (ints in a list), never a buffer per step
     assert (long_peak - base2) - (short_peak - base) < 190 * 64 + 4096
+
+
+# ------------------------------------------------------------------------------------------------
+# the batched step (decode_rows: packed-mask kernel, bind, run; the sampler over the rows)
+
+
+@pytest.fixture(scope="module")
+def batch_eng(tmp_path_factory):
+    spec = SyntheticSpec(layout="gqa", vocab=VOCAB, seed=21)
+    model_dir = cached_model(spec, tmp_path_factory.mktemp("alloc-batch"))
+    return engine.Engine(model_dir, max_length=256, max_batch=4)
+
+
+def _batch_steps(st, sampler, n):
+    for _ in range(n):
+        logits = st.decode_rows()
+        sampler.sample(logits, st.next_ids, 3)
+
+
+def test_batch_decode_step_allocates_nothing(batch_eng):
+    st, sampler = batch_eng._state, batch_eng._sampler
+    prompts = [np.array(p, np.int64) for p in ([1, 2, 3], [4, 5, 6, 7, 8], [9])]
+    sampler.reset(engine.SamplingParams(), prompts)
+    logits = st.prefill_rows(prompts, 220)
+    sampler.sample(logits, st.next_ids, 3)
+    _batch_steps(st, sampler, 2)
+    st.finished[1] = 1  # a finished row is masked from here on: still no allocation
+    called: set[str] = set()
+
+    def audit(frame, event, arg):
+        if event == "c_call":
+            called.add(getattr(arg, "__name__", repr(arg)))
+
+    sys.setprofile(audit)
+    try:
+        _batch_steps(st, sampler, 20)
+    finally:
+        sys.setprofile(None)
+    assert "bind_ortvalue_input" in called  # the audit sees the step's C calls
+    assert not (called & FORBIDDEN), sorted(called & FORBIDDEN)
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        _batch_steps(st, sampler, 150)
+        _, peak = tracemalloc.get_traced_memory()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    numpy_domain = tracemalloc.DomainFilter(inclusive=True, domain=np.lib.tracemalloc_domain)
+    grown = [
+        s
+        for s in after.filter_traces([numpy_domain]).compare_to(before.filter_traces([numpy_domain]), "lineno")
+        if s.count_diff > 0
+    ]
+    assert not grown, grown[:3]
+    assert peak - base < VOCAB * 4 // 8, f"peak grew by {peak - base} bytes over 150 steps"
+    # the finished row stopped growing; the others count every step
+    assert st.lengths[:3].tolist() == [3 + 172, 5 + 2, 1 + 172]

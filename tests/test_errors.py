@@ -138,7 +138,7 @@ def test_max_length_beyond_context(model_dir):
         ({"prompt": []}, InvalidRequestError, "prompt has no tokens"),
         ({"prompt": ""}, InvalidRequestError, "empty string"),
         ({"prompt": None}, InvalidRequestError, "prompt must be a str or a list of token ids"),
-        ({"prompt": np.zeros((2, 2), dtype=np.int64)}, InvalidRequestError, "1-D integer array"),
+        ({"prompt": np.zeros((2, 2, 2), dtype=np.int64)}, InvalidRequestError, "1-D integer array"),
         ({"prompt": [1, 2], "temprature": 0.5}, InvalidRequestError, "unknown argument"),
     ],
 )

@@ -169,3 +169,68 @@ def test_fallback_warns_once(monkeypatch):
 def test_front_uses_compiled_kernels_when_built():
     expected = masks._ckernels.advance if COMPILED else masks._numpy_advance
     assert masks.advance is expected
+
+
+@pytest.fixture(params=IMPLS)
+def packed(request):
+    """advance_packed of one implementation."""
+    return masks.ref_advance_packed if request.param == "numpy" else masks._ckernels.advance_packed
+
+
+@pytest.mark.parametrize("mask_dtype", INTS)
+@pytest.mark.parametrize("len_dtype", INTS)
+def test_advance_packed_hand_case(packed, mask_dtype, len_dtype):
+    flat = np.full(12, 9, mask_dtype)
+    flat[:6] = [0, 1, 1, 1, 1, 1]  # (2, 3): row 0 holds 2 tokens, row 1 holds 3
+    pos = np.full((2, 1), -1, mask_dtype)
+    lengths = np.array([2, 3], len_dtype)
+    packed(flat, 3, pos, lengths, np.array([0, 1], np.uint8))
+    assert flat[:8].reshape(2, 4).tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
+    assert flat[8:].tolist() == [9, 9, 9, 9]
+    assert pos.ravel().tolist() == [2, -1] and lengths.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("dtype", INTS)
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_advance_packed_matches_the_static_mask(impl, packed, dtype, batch):
+    """Step by step, the packed (batch, width) mask equals the static buffer's first width columns."""
+    prepare, advance = impl
+    rng = np.random.default_rng(batch)
+    max_length = 20
+    prompt = rng.integers(1, 6, batch).astype(dtype)
+    width = int(prompt.max())
+    static = np.zeros((batch, max_length), dtype)
+    prepare(prompt.copy(), static[:, :width])
+    flat = np.full(batch * max_length, 7, dtype)
+    flat[: batch * width] = static[:, :width].ravel()
+    pos_a, pos_b = np.zeros((batch, 1), dtype), np.zeros((batch, 1), dtype)
+    len_a, len_b = prompt.copy(), prompt.copy()
+    finished = np.zeros(batch, np.uint8)
+    for step in range(max_length - width):
+        w = width + step
+        advance(static, pos_a, len_a, finished, w)
+        packed(flat, w, pos_b, len_b, finished)
+        assert np.array_equal(flat[: batch * (w + 1)].reshape(batch, w + 1), static[:, : w + 1])
+        assert np.array_equal(pos_a, pos_b) and np.array_equal(len_a, len_b)
+        finished |= (rng.random(batch) < 0.2).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((np.zeros(5, np.int64), 2, None, np.array([1, 1]), np.zeros(2, np.uint8)), "fewer than"),
+        ((np.zeros(6, np.int64), -1, None, np.array([1, 1]), np.zeros(2, np.uint8)), "width"),
+        ((np.zeros(6, np.float32), 2, None, np.array([1, 1]), np.zeros(2, np.uint8)), "int32 or int64"),
+        ((np.zeros(6, np.int64), 2, None, np.array([1, 1]), np.zeros(3, np.uint8)), "finished"),
+        ((np.zeros(6, np.int64), 2, None, np.array([1, 1]), np.zeros(2, np.int16)), "finished"),
+        ((np.zeros(6, np.int64), 2, np.zeros((1, 1), np.int64), np.array([1, 1]), np.zeros(2, np.uint8)), "position"),
+        ((np.zeros((2, 3), np.int64), 2, None, np.array([1, 1]), np.zeros(2, np.uint8)), "1-D"),
+    ],
+)
+def test_advance_packed_errors_write_nothing(packed, args, match):
+    before = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    with pytest.raises(ValueError, match=match):
+        packed(*args)
+    for a, b in zip(args, before, strict=True):
+        if isinstance(a, np.ndarray):
+            assert np.array_equal(a, b)
