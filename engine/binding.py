@@ -192,7 +192,8 @@ class StepState:
         self.logits_2d = self.logits[:, 0, :]  # (batch, vocab) view handed to the sampler
         self._logits_handles = handles(self.logits)
         self._logits_one = self.logits_2d[:1]  # (1, vocab) view: what a single request's steps return
-        self._logits_row_handles: dict[int, object] = {}  # row b -> handle of logits[b:b+1] (per-row prefill)
+        # (start, stop) -> handle of logits[start:stop] (the prefill of a run of rows)
+        self._logits_range_handles: dict[tuple[int, int], object] = {}
 
         # use_cache_branch (1,) bool of merged Optimum decoders: False for the prompt, True after
         self._cache_branch: dict[bool, ort.OrtValue] = {}
@@ -313,8 +314,9 @@ class StepState:
     def prefill_rows(self, prompts: list[np.ndarray], max_steps: int, pad_id: int = 0) -> np.ndarray:
         """Prefill a batch of ``n`` prompts (1-D int64 arrays); returns the logits ``(n, vocab)``.
 
-        Share-buffer GQA caches run each prompt alone on its own row (``seqlens_k`` gives every row
-        its own length, so no padding enters the cache); growing caches run one left-padded
+        Share-buffer GQA caches run the prompts on their own cache rows, one forward pass per run of
+        consecutive prompts of the same length (``seqlens_k`` gives every row its own length in the
+        decode steps, so no padding ever enters the cache); growing caches run one left-padded
         ``(n, width)`` prompt with the padding masked. After it, the mask is the left-padded
         ``(n, width)`` one (packed) and :meth:`decode_rows` may run ``max_steps`` times.
         """
@@ -334,16 +336,27 @@ class StepState:
         ids_dtype = spec.input_ids.dtype
         if self._static:
             self._bound_rows = 0  # rebound below
-            for b, prompt in enumerate(prompts):
-                self.kv.bind_rows(bind, b, b + 1)
-                handle = self._logits_row_handles.get(b)
+            start = 0
+            while start < n:  # each run of consecutive prompts of one length: one forward pass
+                p = prompts[start].size
+                stop = start + 1
+                while stop < n and prompts[stop].size == p:
+                    stop += 1
+                rows = stop - start
+                self.kv.bind_rows(bind, start, stop)
+                handle = self._logits_range_handles.get((start, stop))
                 if handle is None:
-                    value = ort.OrtValue.ortvalue_from_numpy(self.logits[b : b + 1])
+                    value = ort.OrtValue.ortvalue_from_numpy(self.logits[start:stop])
                     self._keep.append(value)
-                    handle = self._logits_row_handles[b] = bind.value(value)
+                    handle = self._logits_range_handles[start, stop] = bind.value(value)
                 bind.bind_output(spec.logits.name, handle)
-                p = prompt.size
-                self._run_prompt(prompt[None, :].astype(ids_dtype), self._mask_handles[p], self._positions(p), b)
+                ids = np.stack(prompts[start:stop]).astype(ids_dtype)  # (rows, P)
+                mask = self._mask_handles[p] if rows == 1 else np.ones((rows, p), spec.attention_mask.dtype)
+                positions = self._positions(p)
+                if positions is not None and rows > 1:
+                    positions = np.repeat(positions, rows, axis=0)  # (rows, P)
+                self._run_prompt(ids, mask, positions, start)
+                start = stop
         else:
             self._bind_rows(n)
             self.kv.start(bind, n)

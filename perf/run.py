@@ -30,6 +30,7 @@ import numpy as np
 from engine.config import load_model_spec
 from engine.providers import available_providers, default_threads
 
+from .batch import BatchRow, batch_table, rss_soak, run_batches
 from .common import (
     DEFAULT_CONTEXT,
     DEFAULT_VOCAB,
@@ -126,7 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=32,
         help="new tokens at prompts >= 512 on non-tiny models when --new-tokens is not given (default 32)",
     )
-    p.add_argument("--batch", default="1", help="batch sizes (only 1 runs for now)")
+    p.add_argument("--batch", default="1,2,4,8", help="batch sizes of the batch sweep (default 1,2,4,8; 1: skip it)")
+    p.add_argument("--batch-prompt", type=int, default=16, help="prompt length of each batch row (default 16)")
+    p.add_argument(
+        "--batch-new", type=int, default=None, help="new tokens per batch row (default 64, or 200 on tiny models)"
+    )
+    p.add_argument("--soak-tokens", type=int, default=10_000, help="tokens of the RSS soak on the tiny model (0: skip)")
     p.add_argument("--providers", default=None, help="cpu,cuda (default: every available one)")
     p.add_argument("--engines", default=",".join(ENGINES), help="engine,plain,genai (default all)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (default 3)")
@@ -469,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     log: list[str] = []
-    batches = _ints(args.batch)
-    if any(b != 1 for b in batches):
-        log.append("batch > 1: not measured yet; the engine decodes batch 1 only (awaits the batch issue)")
+    batches = sorted(set(_ints(args.batch)) | {1})
+    if any(b < 1 for b in batches):
+        raise SystemExit(f"--batch: sizes must be >= 1, got {args.batch}")
     have = available_providers()
     providers = [p for p in (args.providers.split(",") if args.providers else have) if p]
     for p in [p for p in providers if p not in have]:
@@ -506,15 +512,39 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_model_spec(m.path)
         cells, _ = plan_cells(spec.context_length, spec.weight_bytes < TINY_BYTES, args)
         total += len(cells) * (args.reps + 1) * len(wanted) * len(providers)
+        if len(batches) > 1:
+            total += len(batches) * args.reps * (1 + ("genai" in wanted)) * ("cpu" in providers)
 
     rows: list[Row] = []
     infos: list[dict] = []
+    batch_rows: list[BatchRow] = []
+    soak: dict = {}
     with tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True) as bar:
         for m in models:
             for prov in providers:
                 r, info = run_model(m, prov, args, bar, log)
                 rows.extend(r)
                 infos.append(info)
+            if len(batches) > 1 and "cpu" in providers and "engine" in wanted:
+                bar.set_description(f"{m.name}/cpu: batch sweep")
+                tiny = load_model_spec(m.path).weight_bytes < TINY_BYTES
+                b_rows, b_notes = run_batches(
+                    m.name,
+                    m.path,
+                    "cpu",
+                    batches=batches,
+                    prompt=args.batch_prompt,
+                    new=args.batch_new or (200 if tiny else 64),
+                    reps=args.reps,
+                    threads=args.threads,
+                    genai="genai" in wanted and genai_available() and load_model_spec(m.path).has_genai_config,
+                    progress=bar,
+                )
+                batch_rows.extend(b_rows)
+                log.extend(b_notes)
+        if args.soak_tokens > 0 and "engine" in wanted:
+            bar.set_description(f"RSS soak ({args.soak_tokens} tokens)")
+            soak = rss_soak(tiny_model().path, args.soak_tokens, threads=args.threads)
     # after the models, so that the bandwidth test's arrays do not count in their peak RSS
     print("measuring memory bandwidth ...", file=sys.stderr)
     membw = memory_bandwidth(int(args.membw_gib * (1 << 30))) if args.membw_gib > 0 else {}
@@ -559,8 +589,19 @@ def main(argv: list[str] | None = None) -> int:
             "timings (ratios too, where the contention hit one engine's runs more than another's); "
             "rerun when the machine is quiet"
         )
-    if not any(b != 1 for b in batches):
-        print("batch: 1 only (batch > 1 awaits the engine's batch support)")
+    if batch_rows:
+        print()
+        print(batch_table(batch_rows))
+        print()
+    if "cuda" in providers and len(batches) > 1:
+        log.append("batch sweep: CPU only (the engine's batched generation runs on the CPU provider for now)")
+    if soak:
+        print(
+            f"RSS soak ({tiny_model().name}, one Engine, max_batch 4): {soak['tokens']} tokens in "
+            f"{soak['requests']} requests (single, streamed, batched, sampled); RSS after warm-up "
+            f"{soak['rss_start_bytes'] / MiB:.1f} MiB, at the end {soak['rss_end_bytes'] / MiB:.1f} MiB "
+            f"(growth {soak['growth_bytes'] / MiB:+.2f} MiB, max {soak['max_growth_bytes'] / MiB:+.2f} MiB)"
+        )
     for line in log:
         print(f"note: {line}")
     print(f"wall time {wall_s:.0f} s (synthetic model build {build_s:.0f} s)")
@@ -582,7 +623,15 @@ def main(argv: list[str] | None = None) -> int:
         "build_s": build_s,
         "notes": log,
     }
-    data = {"meta": meta, "models": infos, "rows": [asdict(r) for r in rows], "table": table}
+    data = {
+        "meta": meta,
+        "models": infos,
+        "rows": [asdict(r) for r in rows],
+        "table": table,
+        "batch_rows": [asdict(r) for r in batch_rows],
+        "batch_table": batch_table(batch_rows) if batch_rows else "",
+        "rss_soak": soak,
+    }
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")
     print(f"results: {json_path}")

@@ -79,9 +79,11 @@ def _prompts(spec: SyntheticSpec, lengths: list[int], seed: int = 0) -> list[lis
     return [rng.integers(3, spec.vocab, n).tolist() for n in lengths]
 
 
-def test_greedy_rows_equal_alone(pair):
+@pytest.mark.parametrize("lengths", [[7, 1, 15, 4], [6, 6, 6, 2], [9, 3, 3, 9]])
+def test_greedy_rows_equal_alone(pair, lengths):
+    """Different lengths, and runs of equal lengths (prefilled together on GQA caches)."""
     batch, alone, spec = pair
-    prompts = _prompts(spec, [7, 1, 15, 4])
+    prompts = _prompts(spec, lengths)
     results = batch.generate(prompts, max_new_tokens=24)
     assert [r.token_ids for r in results] == [alone.generate(p, max_new_tokens=24).token_ids for p in prompts]
 

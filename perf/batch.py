@@ -1,0 +1,225 @@
+"""Batch sweep and RSS soak of ``make perf``.
+
+Batch sweep: for each batch size B, B different prompts of the same length decode ``new`` tokens
+each (EOS off), on the engine (one Engine with ``max_batch`` = the largest B) and on
+onnxruntime-genai (``batch_size`` = B), interleaved for ``reps`` repetitions. Decode throughput is
+all rows' tokens after the first over the time from the first token to the last; ``x_b1`` is the
+same-repetition ratio against batch 1 of the same engine (median over repetitions).
+
+RSS soak: ``tokens`` new tokens over many requests (single, batched, streamed, seeded sampling)
+on one Engine, with the resident set size read after a warm-up and after every request.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .common import GenaiRunner, rss_bytes
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class BatchSample:
+    """One batched request: B rows of ``new`` tokens after ``prompt`` tokens each."""
+
+    batch: int
+    ttft_s: float
+    decode_tokens_per_s: float  # rows x (new - 1) / (last token - first token)
+    tokens: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class BatchRow:
+    """Medians over repetitions for one (model, provider, engine, batch size)."""
+
+    model: str
+    provider: str
+    engine: str
+    batch: int
+    prompt: int
+    new: int
+    reps: int
+    ttft_ms: float
+    decode_tok_s: float
+    x_b1: float | None  # median of decode tok/s / the same repetition's batch-1 tok/s
+    x_genai: float | None = None  # engine rows: median of engine / genai at this batch size
+    rows_equal_alone: bool | None = None  # every row's tokens equal the batch-1 run of its prompt
+    raw: dict = field(default_factory=dict)
+
+
+def engine_batch(eng, ids: np.ndarray, n: int) -> BatchSample:
+    """``eng.generate`` on the rows of ``ids`` (B, P): B = 1 runs the single-request path."""
+    results = [eng.generate(ids[0], max_new_tokens=n)] if ids.shape[0] == 1 else eng.generate(ids, max_new_tokens=n)
+    first = max(r.stats.ttft_s for r in results)
+    decode = max(r.stats.decode_s for r in results)
+    tokens = [r.token_ids for r in results]
+    tps = sum(len(x) - 1 for x in tokens) / decode if decode > 0 else 0.0
+    return BatchSample(ids.shape[0], first, tps, tokens)
+
+
+def genai_batch(runner: GenaiRunner, ids: np.ndarray, n: int) -> BatchSample:
+    """onnxruntime-genai with ``batch_size`` = rows of ``ids`` (B, P), greedy, exactly n tokens."""
+    og = runner.og
+    b, p = ids.shape
+    params = og.GeneratorParams(runner.model)
+    params.set_search_options(max_length=p + n, min_length=p + n, do_sample=False, batch_size=b)
+    gen = og.Generator(runner.model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids.astype(np.int32))
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    t2 = time.perf_counter()
+    tokens = [[int(t) for t in gen.get_sequence(i)[p:]] for i in range(b)]
+    del gen
+    tps = sum(len(x) - 1 for x in tokens) / (t2 - t1) if t2 > t1 else 0.0
+    return BatchSample(b, t1 - t0, tps, tokens)
+
+
+def batch_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """(batch, length) int64: a different fixed pseudo-random prompt per row (ids 3.. skip specials)."""
+    rng = np.random.default_rng(seed * 1000 + batch * 31 + length)
+    return rng.integers(3, vocab, size=(batch, length), dtype=np.int64)
+
+
+def run_batches(
+    model_name: str,
+    model_dir: Path,
+    provider: str,
+    *,
+    batches: list[int],
+    prompt: int,
+    new: int,
+    reps: int,
+    threads: int | None,
+    genai: bool,
+    progress=None,
+) -> tuple[list[BatchRow], list[str]]:
+    """The batch sweep of one model; rows and notes."""
+    from engine import Engine
+
+    notes: list[str] = []
+    eng = Engine(model_dir, provider=provider, max_length=prompt + new, max_batch=max(batches), threads=threads)
+    eng.eos_token_ids = frozenset()  # exactly `new` tokens per row on both engines
+    runners = {"engine": lambda ids: engine_batch(eng, ids, new)}
+    g = None
+    if genai:
+        try:
+            g = GenaiRunner(model_dir, provider, eng.threads)
+            runners["genai"] = lambda ids: genai_batch(g, ids, new)
+        except Exception as e:  # genai's load failure is reported and the engine still runs
+            notes.append(f"genai batch on {provider}: failed to load ({type(e).__name__}: {e})")
+    vocab = eng.spec.vocab_size
+    grids = {b: batch_prompts(b, prompt, vocab) for b in batches}
+    for fn in runners.values():  # warm-up: every batch size once
+        for b in batches:
+            fn(grids[b])
+    samples: dict[tuple[str, int], list[BatchSample]] = {(e, b): [] for e in runners for b in batches}
+    for _ in range(reps):
+        for b in batches:
+            for name, fn in runners.items():  # interleaved: engine, genai, engine, genai, ...
+                samples[name, b].append(fn(grids[b]))
+                if progress is not None:
+                    progress.update(1)
+    # every row of the largest batch against its prompt run alone (the engine's batch-1 path)
+    alone = {b: [eng.generate(row, max_new_tokens=new).token_ids for row in grids[b]] for b in batches}
+    rows = []
+    for name in runners:
+        for b in batches:
+            s = samples[name, b]
+            base = samples[name, batches[0]] if batches[0] == 1 else None
+            row = BatchRow(
+                model=model_name,
+                provider=provider,
+                engine=name,
+                batch=b,
+                prompt=prompt,
+                new=new,
+                reps=len(s),
+                ttft_ms=statistics.median(x.ttft_s for x in s) * 1e3,
+                decode_tok_s=statistics.median(x.decode_tokens_per_s for x in s),
+                x_b1=_paired(s, base) if base is not None else None,
+                rows_equal_alone=s[0].tokens == alone[b],
+                raw={"decode_tokens_per_s": [x.decode_tokens_per_s for x in s], "ttft_s": [x.ttft_s for x in s]},
+            )
+            if name == "engine" and "genai" in runners:
+                row.x_genai = _paired(s, samples["genai", b])
+            if not row.rows_equal_alone:
+                notes.append(f"{model_name}/{provider} batch {b}: {name}'s rows differ from the engine's batch-1 runs")
+            rows.append(row)
+    if g is not None:
+        g.close()
+    return rows, notes
+
+
+def _paired(a: list[BatchSample], b: list[BatchSample]) -> float | None:
+    vals = [x.decode_tokens_per_s / y.decode_tokens_per_s for x, y in zip(a, b, strict=False) if y.decode_tokens_per_s]
+    return statistics.median(vals) if vals else None
+
+
+def batch_table(rows: list[BatchRow]) -> str:
+    """Markdown table of the batch sweep."""
+
+    def f(x: float | None, d: int = 2) -> str:
+        return "-" if x is None else f"{x:.{d}f}"
+
+    head = (
+        "| model | provider | engine | batch | prompt | new | decode tok/s (all rows) | x batch 1 "
+        "| engine/genai | TTFT ms | rows = alone |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    )
+    return head + "\n".join(
+        f"| {r.model} | {r.provider} | {r.engine} | {r.batch} | {r.prompt} | {r.new} | {r.decode_tok_s:.1f} "
+        f"| {f(r.x_b1)} | {f(r.x_genai)} | {r.ttft_ms:.1f} | {'yes' if r.rows_equal_alone else 'NO'} |"
+        for r in rows
+    )
+
+
+def rss_soak(model_dir: Path, tokens: int = 10_000, threads: int | None = None) -> dict:
+    """New tokens over many mixed requests on one Engine; RSS after warm-up, after each request.
+
+    Returns the figures: tokens, requests, RSS after the warm-up, at the end, the maximum, and the
+    growth from the warm-up to the end and to the maximum (bytes)."""
+    from engine import Engine
+
+    eng = Engine(model_dir, max_length=256, max_batch=4, threads=threads)
+    vocab = eng.spec.vocab_size
+    rng = np.random.default_rng(0)
+
+    def request(i: int) -> int:
+        p = rng.integers(3, vocab, int(rng.integers(2, 40))).tolist()
+        n = int(rng.integers(10, 120))
+        kind = i % 4
+        if kind == 0:
+            return len(eng.generate(p, max_new_tokens=n).token_ids)
+        if kind == 1:
+            return sum(1 for _ in eng.stream(p, max_new_tokens=n, do_sample=True, seed=i, top_p=0.9))
+        if kind == 2:
+            rows = [p, p[: max(1, len(p) // 2)], rng.integers(3, vocab, 7).tolist()]
+            return sum(len(r.token_ids) for r in eng.generate(rows, max_new_tokens=n // 2))
+        return len(eng.generate(p, max_new_tokens=n, do_sample=True, seed=i, logprobs=2).token_ids)
+
+    for i in range(8):  # warm-up: every kind twice (ORT arenas, the batch's mask views)
+        request(i)
+    start = rss_bytes()
+    peak, done, count = start, 0, 0
+    while done < tokens:
+        done += request(count)
+        count += 1
+        peak = max(peak, rss_bytes())
+    end = rss_bytes()
+    return {
+        "tokens": done,
+        "requests": count,
+        "rss_start_bytes": start,
+        "rss_end_bytes": end,
+        "rss_max_bytes": peak,
+        "growth_bytes": end - start,
+        "max_growth_bytes": peak - start,
+    }
