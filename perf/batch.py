@@ -1,4 +1,4 @@
-"""Batch sweep and RSS soak of ``make perf``.
+"""Batch sweep of ``make perf``.
 
 Batch sweep: for each batch size B, B different prompts of the same length decode ``new`` tokens
 each (EOS off), on the engine (one Engine with ``max_batch`` = the largest B) and on
@@ -6,8 +6,7 @@ onnxruntime-genai (``batch_size`` = B), interleaved for ``reps`` repetitions. De
 all rows' tokens after the first over the time from the first token to the last; ``x_b1`` is the
 same-repetition ratio against batch 1 of the same engine (median over repetitions).
 
-RSS soak: ``tokens`` new tokens over many requests (single, batched, streamed, seeded sampling)
-on one Engine, with the resident set size read after a warm-up and after every request.
+The RSS soak of ``make perf`` is :func:`engine.testing.soak.rss_soak`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import GenaiRunner, rss_bytes
+from .common import GenaiRunner
 
 MiB = 1024 * 1024
 
@@ -49,7 +48,8 @@ class BatchRow:
     decode_tok_s: float
     x_b1: float | None  # median of decode tok/s / the same repetition's batch-1 tok/s
     x_genai: float | None = None  # engine rows: median of engine / genai at this batch size
-    rows_equal_alone: bool | None = None  # every row's tokens equal the batch-1 run of its prompt
+    rows_equal_alone: bool | None = None  # every row's tokens equal the engine's batch-1 run of its prompt
+    rows_equal_genai: bool | None = None  # engine rows: every row's tokens equal genai's at this batch size
     raw: dict = field(default_factory=dict)
 
 
@@ -151,8 +151,14 @@ def run_batches(
             )
             if name == "engine" and "genai" in runners:
                 row.x_genai = _paired(s, samples["genai", b])
+                row.rows_equal_genai = s[0].tokens == samples["genai", b][0].tokens
+                if not row.rows_equal_genai:
+                    notes.append(f"{model_name}/{provider} batch {b}: the engine's rows differ from genai's")
             if not row.rows_equal_alone:
-                notes.append(f"{model_name}/{provider} batch {b}: {name}'s rows differ from the engine's batch-1 runs")
+                notes.append(
+                    f"{model_name}/{provider} batch {b}: {name}'s rows differ from the engine's batch-1 runs "
+                    "(expected on INT4 models: MatMulNBits rounds several-row products differently, docs/api.md)"
+                )
             rows.append(row)
     if g is not None:
         g.close()
@@ -170,56 +176,16 @@ def batch_table(rows: list[BatchRow]) -> str:
     def f(x: float | None, d: int = 2) -> str:
         return "-" if x is None else f"{x:.{d}f}"
 
+    def yes(x: bool | None) -> str:
+        return "-" if x is None else ("yes" if x else "no")
+
     head = (
         "| model | provider | engine | batch | prompt | new | decode tok/s (all rows) | x batch 1 "
-        "| engine/genai | TTFT ms | rows = alone |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "| engine/genai | TTFT ms | rows = alone | rows = genai |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
     )
     return head + "\n".join(
         f"| {r.model} | {r.provider} | {r.engine} | {r.batch} | {r.prompt} | {r.new} | {r.decode_tok_s:.1f} "
-        f"| {f(r.x_b1)} | {f(r.x_genai)} | {r.ttft_ms:.1f} | {'yes' if r.rows_equal_alone else 'NO'} |"
+        f"| {f(r.x_b1)} | {f(r.x_genai)} | {r.ttft_ms:.1f} | {yes(r.rows_equal_alone)} | {yes(r.rows_equal_genai)} |"
         for r in rows
     )
-
-
-def rss_soak(model_dir: Path, tokens: int = 10_000, threads: int | None = None) -> dict:
-    """New tokens over many mixed requests on one Engine; RSS after warm-up, after each request.
-
-    Returns the figures: tokens, requests, RSS after the warm-up, at the end, the maximum, and the
-    growth from the warm-up to the end and to the maximum (bytes)."""
-    from engine import Engine
-
-    eng = Engine(model_dir, max_length=256, max_batch=4, threads=threads)
-    vocab = eng.spec.vocab_size
-    rng = np.random.default_rng(0)
-
-    def request(i: int) -> int:
-        p = rng.integers(3, vocab, int(rng.integers(2, 40))).tolist()
-        n = int(rng.integers(10, 120))
-        kind = i % 4
-        if kind == 0:
-            return len(eng.generate(p, max_new_tokens=n).token_ids)
-        if kind == 1:
-            return sum(1 for _ in eng.stream(p, max_new_tokens=n, do_sample=True, seed=i, top_p=0.9))
-        if kind == 2:
-            rows = [p, p[: max(1, len(p) // 2)], rng.integers(3, vocab, 7).tolist()]
-            return sum(len(r.token_ids) for r in eng.generate(rows, max_new_tokens=n // 2))
-        return len(eng.generate(p, max_new_tokens=n, do_sample=True, seed=i, logprobs=2).token_ids)
-
-    for i in range(8):  # warm-up: every kind twice (ORT arenas, the batch's mask views)
-        request(i)
-    start = rss_bytes()
-    peak, done, count = start, 0, 0
-    while done < tokens:
-        done += request(count)
-        count += 1
-        peak = max(peak, rss_bytes())
-    end = rss_bytes()
-    return {
-        "tokens": done,
-        "requests": count,
-        "rss_start_bytes": start,
-        "rss_end_bytes": end,
-        "rss_max_bytes": peak,
-        "growth_bytes": end - start,
-        "max_growth_bytes": peak - start,
-    }

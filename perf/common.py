@@ -113,15 +113,6 @@ def bytes_read_per_token(spec: ModelSpec) -> int:
 # machine figures
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now (VmRSS)."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (getrusage ru_maxrss, KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

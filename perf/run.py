@@ -29,8 +29,9 @@ import numpy as np
 
 from engine.config import load_model_spec
 from engine.providers import available_providers, default_threads
+from engine.testing.soak import rss_soak
 
-from .batch import BatchRow, batch_table, rss_soak, run_batches
+from .batch import BatchRow, batch_table, run_batches
 from .common import (
     DEFAULT_CONTEXT,
     DEFAULT_VOCAB,

@@ -303,3 +303,24 @@ def test_interrupted_batch_leaves_the_engine_usable(small, monkeypatch, where):
     monkeypatch.undo()
     assert [r.token_ids for r in small.generate([[5, 6, 7], [8], [9, 9]], max_new_tokens=12)] == want_batch
     assert small.generate([4, 4, 2], max_new_tokens=12).token_ids == want_single
+
+
+def test_batch_equals_onnxruntime_genai_batch(tmp_path_factory):
+    """Against an independent batched reference: onnxruntime-genai with batch_size = 4 on an INT4
+    model (where several-row kernels may round differently from one-row ones, both engines see the
+    same several-row kernels)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (bench extra)")
+    spec = SyntheticSpec(layout="gqa", quant="int4", hidden=128, heads=8, kv_heads=2, vocab=2048, seed=36)
+    model_dir = cached_model(spec, tmp_path_factory.getbasetemp() / "batch-models")
+    eng = engine.Engine(model_dir, max_length=64, max_batch=4)
+    eng.eos_token_ids = frozenset()  # genai below runs exactly min_length tokens
+    ids = np.asarray(_prompts(spec, [12] * 4, seed=11), dtype=np.int64)
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12 + 40, min_length=12 + 40, do_sample=False, batch_size=4)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids.astype(np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    want = [[int(t) for t in gen.get_sequence(i)[12:]] for i in range(4)]
+    assert [r.token_ids for r in eng.generate(ids, max_new_tokens=40)] == want
