@@ -29,7 +29,7 @@ import numpy as np
 
 from engine.config import load_model_spec
 from engine.providers import available_providers, default_threads
-from engine.testing.soak import rss_soak
+from engine.testing.soak import rss_bytes, rss_soak
 
 from .batch import BatchRow, batch_table, run_batches
 from .common import (
@@ -51,7 +51,6 @@ from .common import (
     percentiles,
     phi4_model,
     prompt_ids,
-    rss_bytes,
     tiny_model,
 )
 
