@@ -206,14 +206,28 @@ def _read_graph(model_path: Path) -> _Graph:
     init_names = {t.name for t in g.initializer}
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer)
     if external:
+        sizes: dict[str, int] = {}
         for t in g.initializer:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    data_path = model_path.parent / entry.value
-                    if not data_path.is_file():
-                        raise ModelFileNotFoundError(
-                            f"{model_path}: external weights file '{entry.value}' is missing from {model_path.parent}"
-                        )
+            info = {entry.key: entry.value for entry in t.external_data}
+            if "location" not in info:
+                continue
+            location = info["location"]
+            if location not in sizes:
+                data_path = model_path.parent / location
+                if not data_path.is_file():
+                    raise ModelFileNotFoundError(
+                        f"{model_path}: external weights file '{location}' is missing from {model_path.parent}"
+                    )
+                sizes[location] = data_path.stat().st_size
+            try:
+                end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            except ValueError as e:
+                raise _err(model_path, f"initializer '{t.name}' has a bad external data offset or length") from e
+            if end > sizes[location]:
+                raise ModelLoadError(
+                    f"{model_path.parent / location}: truncated or wrong file: initializer '{t.name}' needs bytes "
+                    f"up to {end} but the file has {sizes[location]}"
+                )
     if not g.node:
         raise _err(model_path, "has an empty graph")
     return _Graph(

@@ -254,7 +254,8 @@ class Engine:
             )
             self.session, self._state, self._sampler, self.cuda_graph = rt.session, rt.state, rt.sampler, rt.cuda_graph
         else:
-            self.session = create_session(model, self.provider, so)
+            where = str(spec.model_path) + (" (with its external data)" if spec.has_external_data else "")
+            self.session = create_session(model, self.provider, so, source=where)
             self._state = StepState(
                 self.session, spec, batch=self.max_batch, max_length=self.max_length, last_token_logits=edited
             )

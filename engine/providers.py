@@ -175,13 +175,16 @@ def create_session(
     provider: str,
     so: ort.SessionOptions,
     provider_options: Mapping[str, Any] | None = None,
+    source: str | None = None,
 ) -> ort.InferenceSession:
-    """Create the InferenceSession, turning ORT's load failures into ModelLoadError."""
+    """Create the InferenceSession, turning ORT's load failures into ModelLoadError.
+
+    ``source``: the file the model came from, named in the error when ``model`` is bytes."""
     providers: list[Any] = [(provider, dict(provider_options or {}))]
     if provider != CPU_EP:
         providers.append(CPU_EP)  # fallback for the ops the provider lacks
     try:
         return ort.InferenceSession(model, so, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException classes
-        where = model if isinstance(model, str) else "model"
+        where = model if isinstance(model, str) else (source or "the model")
         raise ModelLoadError(f"{where}: onnxruntime could not load it ({type(e).__name__}: {e})") from e

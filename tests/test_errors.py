@@ -176,3 +176,68 @@ def test_exception_inside_loop_leaves_engine_usable(eng, monkeypatch):
         eng.generate([1, 2, 3, 4], max_new_tokens=30)
     monkeypatch.undo()
     assert eng.generate([1, 5, 9], max_new_tokens=20).token_ids == want
+
+
+# ------------------------------------------------------------------------------------------------
+# corrupted weight files: a folder whose model.onnx keeps its weights in model.onnx.data
+
+
+@pytest.fixture(scope="module")
+def external_dir(model_dir, tmp_path_factory):
+    import onnx
+
+    d = tmp_path_factory.mktemp("ext") / "model"
+    shutil.copytree(model_dir, d)
+    model = onnx.load(str(d / "model.onnx"))
+    onnx.save(
+        model,
+        str(d / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,  # small constants stay inline, as in builder-made folders
+    )
+    return d
+
+
+def test_external_data_model_loads(external_dir, eng):
+    assert engine.Engine(external_dir, max_length=64).generate([1, 2, 3], max_new_tokens=8).token_ids == (
+        eng.generate([1, 2, 3], max_new_tokens=8).token_ids
+    )
+
+
+def test_missing_external_data(external_dir, tmp_path):
+    d = _copy(external_dir, tmp_path)
+    (d / "model.onnx.data").unlink()
+    with pytest.raises(ModelFileNotFoundError, match=r"model\.onnx\.data' is missing"):
+        engine.Engine(d)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.999])
+def test_truncated_external_data(external_dir, tmp_path, keep):
+    d = _copy(external_dir, tmp_path)
+    data = (d / "model.onnx.data").read_bytes()
+    (d / "model.onnx.data").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ModelLoadError, match=r"model\.onnx\.data: truncated"):
+        engine.Engine(d)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_corrupted_bytes_never_crash(external_dir, model_dir, tmp_path, seed):
+    """Random bytes written over either file: a ModelLoadError naming the file, or (when only weight
+    values changed) an engine that still generates in-vocabulary ids."""
+    rng = np.random.default_rng(seed)
+    for name in ("model.onnx", "model.onnx.data"):
+        d = _copy(external_dir, tmp_path / f"{name}-{seed}")
+        path = d / name
+        data = bytearray(path.read_bytes())
+        for i in rng.integers(0, len(data), 16):
+            data[i] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(data))
+        try:
+            eng = engine.Engine(d, max_length=32)
+        except ModelLoadError as e:
+            assert "model.onnx" in str(e)
+            continue
+        res = eng.generate([1, 2, 3], max_new_tokens=6)
+        assert all(0 <= t < eng.spec.vocab_size for t in res.token_ids)
