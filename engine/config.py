@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import ModelFileNotFoundError, ModelLoadError, UnsupportedModelError
+from .errors import InvalidRequestError, ModelFileNotFoundError, ModelLoadError, UnsupportedModelError
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -593,8 +594,8 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     contradicts the graph, and :class:`~engine.errors.UnsupportedModelError` for layouts the
     engine does not handle.
     """
-    if not isinstance(model_dir, (str, Path)):
-        raise TypeError(f"model_dir must be a path (str or pathlib.Path), got {type(model_dir).__name__}")
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise InvalidRequestError(f"model_dir must be a path (str or pathlib.Path), got {type(model_dir).__name__}")
     path = Path(model_dir).expanduser()
     if not path.exists():
         raise ModelFileNotFoundError(f"model folder {path} does not exist")

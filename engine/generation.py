@@ -119,14 +119,13 @@ def estimate_kv_cache_bytes(
 
 
 def _is_batch(prompt: object) -> bool:
-    """A list/tuple of prompts (strs, sequences of ids or arrays), or a 2-D array of ids."""
+    """A list/tuple holding prompts (strs, sequences of ids or arrays), or a 2-D array of ids.
+
+    One such element makes the whole list a batch, so that a bad element is reported as a bad
+    prompt of the batch, by its index."""
     if isinstance(prompt, np.ndarray):
         return prompt.ndim == 2
-    return (
-        isinstance(prompt, (list, tuple))
-        and len(prompt) > 0
-        and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
-    )
+    return isinstance(prompt, (list, tuple)) and any(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
 
 
 def _available_memory() -> int | None:
@@ -187,6 +186,8 @@ class Engine:
         if not isinstance(max_batch, (int, np.integer)) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1024:
             raise InvalidRequestError(f"max_batch must be an int in 1..1024, got {max_batch!r}")
         self.max_batch = int(max_batch)
+        if sampler_impl not in ("auto", "cython", "numpy"):
+            raise InvalidRequestError(f"sampler_impl must be 'auto', 'cython' or 'numpy', got {sampler_impl!r}")
         self.spec: ModelSpec = load_model_spec(model_dir)
         spec = self.spec
         self.provider = resolve_provider(provider)
@@ -286,7 +287,7 @@ class Engine:
         ctx = self.spec.context_length
         if max_length is None:
             return min(ctx, DEFAULT_MAX_LENGTH)
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 2:
             raise InvalidRequestError(f"max_length must be an int >= 2, got {max_length!r}")
         if max_length > ctx:
             what = "rows of the rotary cos/sin cache" if self.spec.layout is KVLayout.GQA_SHARED else "positions"
@@ -324,6 +325,13 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is an empty string; give text or a non-empty list of token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidRequestError(
+                    f"prompt is not valid Unicode text ({e.reason} at index {e.start}); lone surrogates cannot be "
+                    "tokenized"
+                ) from None
             if self.tokenizer is None:
                 raise InvalidRequestError(
                     f"{self.spec.model_dir} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}): pass token ids"
@@ -333,6 +341,10 @@ class Engine:
             if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
                 raise InvalidRequestError(
                     f"a token-id prompt must be a 1-D integer array, got shape {prompt.shape} dtype {prompt.dtype}"
+                )
+            if prompt.dtype.kind == "u" and prompt.size and int(prompt.max()) >= self.spec.vocab_size:
+                raise InvalidRequestError(
+                    f"token id {int(prompt.max())} is outside the vocabulary; allowed: 0..{self.spec.vocab_size - 1}"
                 )
             ids = prompt.astype(np.int64)
         elif isinstance(prompt, (list, tuple)):
@@ -544,6 +556,8 @@ class Engine:
             raise InvalidRequestError("the batch is empty; give at least one prompt")
 
         def per_row(name: str, value: Any) -> list[Any]:
+            if isinstance(value, np.ndarray) and value.ndim == 1:
+                value = value.tolist()
             if isinstance(value, (list, tuple)):
                 if len(value) != n:
                     raise InvalidRequestError(
@@ -559,16 +573,20 @@ class Engine:
                 row[key] = v
         if max_new_tokens is None:
             # one default for the whole batch: the room its longest prompt leaves
-            ids = [self._prompt_ids(p) for p in prompts]
-            room = self.max_length - max(i.size for i in ids)
+            longest = max(self._in_row(b, self._prompt_ids, prompts[b]).size for b in range(n))
+            room = self.max_length - longest
             rows_new = [room if room >= 1 else None] * n
-        reqs = []
-        for b in range(n):
-            try:
-                reqs.append(self._prepare(prompts[b], rows_new[b], stop, rows_sampling[b], stream=False))
-            except InvalidRequestError as e:
-                raise type(e)(f"prompt {b} of the batch: {e}") from e
-        return reqs
+        return [
+            self._in_row(b, self._prepare, prompts[b], rows_new[b], stop, rows_sampling[b], False) for b in range(n)
+        ]
+
+    @staticmethod
+    def _in_row(b: int, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` for row ``b`` of a batch: its InvalidRequestError names the row."""
+        try:
+            return fn(*args)
+        except InvalidRequestError as e:
+            raise type(e)(f"prompt {b} of the batch: {e}") from e
 
     def _run_batch(self, reqs: list[_Request]) -> list[GenerationResult]:
         """Run ``reqs`` in groups of ``max_batch`` (the caller holds the lock)."""

@@ -100,6 +100,8 @@ class SessionConfig:
             not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
         ):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        if self.spinning is not None and not isinstance(self.spinning, bool):
+            raise ValueError(f"spinning must be True, False or None (the default), got {self.spinning!r}")
         if self.graph_optimization not in _OPT_LEVELS:
             raise ValueError(
                 f"graph_optimization must be one of {', '.join(_OPT_LEVELS)}, got {self.graph_optimization!r}"

@@ -119,7 +119,7 @@ def seed_state(seed: int | None, stream: int = 0) -> int:
     """Initial splitmix64 state of ``stream`` (a row index) for ``seed``; ``None`` draws from os.urandom."""
     if seed is None:
         return int.from_bytes(os.urandom(8), "little")
-    return _mix64((seed + _mix64((stream * _GAMMA + _GAMMA) & _MASK64)) & _MASK64)
+    return _mix64((int(seed) + _mix64((stream * _GAMMA + _GAMMA) & _MASK64)) & _MASK64)
 
 
 # ------------------------------------------------------------------------------------------------------

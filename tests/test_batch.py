@@ -249,6 +249,9 @@ def small(tmp_path_factory):
         (lambda e: e.stream([[1], [2]]), engine.InvalidRequestError, "one prompt"),
         (lambda e: e.generate(np.zeros((2, 0), np.int64)), engine.InvalidRequestError, "no tokens"),
         (lambda e: e.generate(np.zeros((2, 3), np.float32)), engine.InvalidRequestError, "integer"),
+        (lambda e: e.generate([[1, 2], None]), engine.InvalidRequestError, "prompt 1 of the batch: prompt must be"),
+        (lambda e: e.generate([[1, 2], [[3]]]), engine.InvalidRequestError, "prompt 1 of the batch: token ids"),
+        (lambda e: e.generate([5, [3]], max_new_tokens=2), engine.InvalidRequestError, "prompt 0 of the batch"),
     ],
 )
 def test_bad_batches_raise_and_the_engine_recovers(small, call, error, match):

@@ -109,6 +109,33 @@ def test_unknown_provider(model_dir):
         engine.Engine(model_dir, provider="tpu")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model_dir": None}, "model_dir must be a path"),
+        ({"model_dir": 123}, "model_dir must be a path"),
+        ({"sampler_impl": "fast"}, "sampler_impl must be"),
+        ({"spinning": "yes"}, "spinning must be"),
+        ({"threads": 0}, "threads must be"),
+        ({"max_length": 1.5}, "max_length must be"),
+        ({"graph_optimization": "max"}, "graph_optimization must be"),
+    ],
+)
+def test_bad_engine_arguments(model_dir, kwargs, message):
+    kwargs = {"model_dir": model_dir, **kwargs}
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.Engine(**kwargs)
+
+
+def test_numpy_integers_are_accepted_where_ints_are(model_dir):
+    eng = engine.Engine(model_dir, max_length=np.int64(32), max_batch=np.int32(2))
+    res = eng.generate(
+        np.array([1, 2, 3], np.uint16), np.int64(4), do_sample=True, seed=np.uint64(7), top_k=np.int64(5)
+    )
+    assert len(res.token_ids) == 4
+    assert eng.max_length == 32 and eng.max_batch == 2
+
+
 def test_max_length_beyond_context(model_dir):
     with pytest.raises(InvalidRequestError, match="exceeds the model's context_length"):
         engine.Engine(model_dir, max_length=10**6)
@@ -140,6 +167,9 @@ def test_max_length_beyond_context(model_dir):
         ({"prompt": None}, InvalidRequestError, "prompt must be a str or a list of token ids"),
         ({"prompt": np.zeros((2, 2, 2), dtype=np.int64)}, InvalidRequestError, "1-D integer array"),
         ({"prompt": [1, 2], "temprature": 0.5}, InvalidRequestError, "unknown argument"),
+        # found by a list of hostile inputs tried by hand
+        ({"prompt": "a\ud800b"}, InvalidRequestError, "not valid Unicode"),
+        ({"prompt": np.array([2**63 + 5], np.uint64)}, InvalidRequestError, "token id 9223372036854775813 is outside"),
     ],
 )
 def test_bad_requests_raise_and_engine_recovers(eng, kwargs, exc, message):
