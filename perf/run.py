@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", default="1,2,4,8", help="batch sizes of the batch sweep (default 1,2,4,8; 1: skip it)")
     p.add_argument("--batch-prompt", type=int, default=16, help="prompt length of each batch row (default 16)")
     p.add_argument(
-        "--batch-new", type=int, default=None, help="new tokens per batch row (default 64, or 200 on tiny models)"
+        "--batch-new", type=int, default=None, help="new tokens per batch row (default 32, or 200 on tiny models)"
     )
     p.add_argument("--soak-tokens", type=int, default=10_000, help="tokens of the RSS soak on the tiny model (0: skip)")
     p.add_argument("--providers", default=None, help="cpu,cuda (default: every available one)")
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpu",
                     batches=batches,
                     prompt=args.batch_prompt,
-                    new=args.batch_new or (200 if tiny else 64),
+                    new=args.batch_new or (200 if tiny else 32),
                     reps=args.reps,
                     threads=args.threads,
                     genai="genai" in wanted and genai_available() and load_model_spec(m.path).has_genai_config,
