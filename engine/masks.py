@@ -47,6 +47,26 @@ def _int_array(a: np.ndarray, name: str, ndim: int) -> None:
         raise ValueError(f"{name} must be int32 or int64, got {a.dtype}")
 
 
+def _check_rows(finished: np.ndarray, position_ids: np.ndarray | None, batch: int) -> None:
+    """finished (batch,) uint8/bool and position_ids (batch, 1) int32/int64 or None."""
+    if not isinstance(finished, np.ndarray) or finished.dtype not in (np.uint8, np.bool_):
+        raise ValueError("finished must be a uint8 or bool numpy array")
+    if finished.shape != (batch,):
+        raise ValueError(f"finished has {finished.shape[0]} entries for {batch} rows")
+    if position_ids is not None:
+        _int_array(position_ids, "position_ids", 2)
+        if position_ids.shape != (batch, 1):
+            raise ValueError(f"position_ids must have shape ({batch}, 1), got {position_ids.shape}")
+
+
+def _count_rows(position_ids: np.ndarray | None, lengths: np.ndarray, finished: np.ndarray) -> None:
+    """Unfinished rows: position_ids[b, 0] = lengths[b], then lengths[b] += 1."""
+    live = finished == 0
+    if position_ids is not None:
+        position_ids[live, 0] = lengths[live]
+    lengths[live] += 1
+
+
 def ref_prepare_left_padded(
     lengths: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None = None
 ) -> None:
@@ -83,17 +103,9 @@ def ref_advance(
     _int_array(attention_mask, "attention_mask", 2)
     _int_array(lengths, "lengths", 1)
     batch, width = attention_mask.shape
-    if not isinstance(finished, np.ndarray) or finished.dtype not in (np.uint8, np.bool_):
-        raise ValueError("finished must be a uint8 or bool numpy array")
-    if lengths.shape[0] != batch or finished.shape != (batch,):
-        raise ValueError(
-            f"lengths ({lengths.shape[0]}) and finished ({finished.shape[0]}) must have one entry "
-            f"per attention_mask row ({batch})"
-        )
-    if position_ids is not None:
-        _int_array(position_ids, "position_ids", 2)
-        if position_ids.shape != (batch, 1):
-            raise ValueError(f"position_ids must have shape ({batch}, 1), got {position_ids.shape}")
+    if lengths.shape[0] != batch:
+        raise ValueError(f"lengths has {lengths.shape[0]} entries for the attention_mask's {batch} rows")
+    _check_rows(finished, position_ids, batch)
     cols = np.full(batch, column, np.int64) if column >= 0 else lengths.astype(np.int64)
     for b, col in enumerate(cols.tolist()):
         if not 0 <= col < width:
@@ -101,11 +113,8 @@ def ref_advance(
                 f"row {b}: column {col} is outside the attention mask's {width} columns "
                 f"(the sequence would exceed max_length)"
             )
-    live = finished == 0
-    attention_mask[np.arange(batch), cols] = live
-    if position_ids is not None:
-        position_ids[live, 0] = lengths[live]
-    lengths[live] += 1
+    attention_mask[np.arange(batch), cols] = finished == 0
+    _count_rows(position_ids, lengths, finished)
 
 
 def ref_advance_packed(
@@ -119,10 +128,7 @@ def ref_advance_packed(
     _int_array(mask, "mask", 1)
     _int_array(lengths, "lengths", 1)
     batch = lengths.shape[0]
-    if not isinstance(finished, np.ndarray) or finished.dtype not in (np.uint8, np.bool_):
-        raise ValueError("finished must be a uint8 or bool numpy array")
-    if finished.shape != (batch,):
-        raise ValueError(f"finished has {finished.shape[0]} entries, lengths {batch}")
+    _check_rows(finished, position_ids, batch)
     if width < 0:
         raise ValueError(f"width must be >= 0, got {width}")
     if mask.shape[0] < batch * (width + 1):
@@ -130,18 +136,11 @@ def ref_advance_packed(
             f"mask holds {mask.shape[0]} entries, fewer than batch * (width + 1) = {batch * (width + 1)} "
             "(the sequence would exceed max_length)"
         )
-    if position_ids is not None:
-        _int_array(position_ids, "position_ids", 2)
-        if position_ids.shape != (batch, 1):
-            raise ValueError(f"position_ids must have shape ({batch}, 1), got {position_ids.shape}")
-    live = finished == 0
     old = mask[: batch * width].reshape(batch, width).copy()
     new = mask[: batch * (width + 1)].reshape(batch, width + 1)
     new[:, :width] = old
-    new[:, width] = live
-    if position_ids is not None:
-        position_ids[live, 0] = lengths[live]
-    lengths[live] += 1
+    new[:, width] = finished == 0
+    _count_rows(position_ids, lengths, finished)
 
 
 def _warn_fallback() -> None:

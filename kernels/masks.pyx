@@ -129,6 +129,56 @@ def prepare_left_padded(lengths, attention_mask, position_ids=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# the per-row part shared by advance and advance_packed: positions and lengths of unfinished rows
+
+cdef struct _Rows:
+    void* lengths
+    bint len64
+    void* positions  # NULL for models without position_ids
+    Py_ssize_t pos_stride
+    bint pos64
+    const uint8_t* finished
+
+
+cdef _Rows _rows(cnp.ndarray ln, object finished, object position_ids, Py_ssize_t batch) except *:
+    """Check finished (batch,) uint8/bool and position_ids (batch, 1) int32/int64 or None."""
+    cdef cnp.ndarray fin = _array(finished, "finished", 1, False)
+    cdef cnp.ndarray ps
+    cdef _Rows r
+    if cnp.PyArray_TYPE(fin) != cnp.NPY_UINT8 and cnp.PyArray_TYPE(fin) != cnp.NPY_BOOL:
+        raise ValueError(f"finished must be uint8 or bool, got {fin.dtype}")
+    if cnp.PyArray_DIMS(fin)[0] != batch:
+        raise ValueError(f"finished has {fin.shape[0]} entries for {batch} rows")
+    r.lengths = cnp.PyArray_DATA(ln)
+    r.len64 = _is_int64(ln, "lengths")
+    r.finished = <const uint8_t*>cnp.PyArray_DATA(fin)
+    r.positions = NULL
+    r.pos_stride = 0
+    r.pos64 = False
+    if position_ids is not None:
+        ps = _array(position_ids, "position_ids", 2, True)
+        r.pos64 = _is_int64(ps, "position_ids")
+        if cnp.PyArray_DIMS(ps)[0] != batch or cnp.PyArray_DIMS(ps)[1] != 1:
+            raise ValueError(f"position_ids must have shape ({batch}, 1), got {(<object>ps).shape}")
+        r.positions = cnp.PyArray_DATA(ps)
+        r.pos_stride = _row_stride(ps)
+    return r
+
+
+cdef void _count_rows(_Rows r, Py_ssize_t batch) noexcept nogil:
+    """Unfinished rows: position_ids[b, 0] = lengths[b], then lengths[b] += 1."""
+    if r.positions != NULL:
+        if r.pos64:
+            _advance_positions(<int64_t*>r.positions, r.pos_stride, batch, r.lengths, r.len64, r.finished)
+        else:
+            _advance_positions(<int32_t*>r.positions, r.pos_stride, batch, r.lengths, r.len64, r.finished)
+    if r.len64:
+        _advance_lengths(<int64_t*>r.lengths, batch, r.finished)
+    else:
+        _advance_lengths(<int32_t*>r.lengths, batch, r.finished)
+
+
+# ----------------------------------------------------------------------------------------------------
 # advance
 
 cdef void _advance_mask(index_t* mask, Py_ssize_t stride, Py_ssize_t batch, const void* lengths,
@@ -168,51 +218,25 @@ def advance(attention_mask, position_ids, lengths, finished, Py_ssize_t column=-
     """
     cdef cnp.ndarray mk = _array(attention_mask, "attention_mask", 2, True)
     cdef cnp.ndarray ln = _array(lengths, "lengths", 1, True)
-    cdef cnp.ndarray fin = _array(finished, "finished", 1, False)
-    cdef cnp.ndarray ps
     cdef bint mask64 = _is_int64(mk, "attention_mask")
-    cdef bint len64 = _is_int64(ln, "lengths")
-    cdef bint pos64 = False
     cdef Py_ssize_t batch = cnp.PyArray_DIMS(mk)[0], width = cnp.PyArray_DIMS(mk)[1]
     cdef Py_ssize_t b, col
-    if cnp.PyArray_TYPE(fin) != cnp.NPY_UINT8 and cnp.PyArray_TYPE(fin) != cnp.NPY_BOOL:
-        raise ValueError(f"finished must be uint8 or bool, got {fin.dtype}")
-    if cnp.PyArray_DIMS(ln)[0] != batch or cnp.PyArray_DIMS(fin)[0] != batch:
-        raise ValueError(f"lengths ({ln.shape[0]}) and finished ({fin.shape[0]}) must have one entry "
-                         f"per attention_mask row ({batch})")
-    if position_ids is not None:
-        ps = _array(position_ids, "position_ids", 2, True)
-        pos64 = _is_int64(ps, "position_ids")
-        if cnp.PyArray_DIMS(ps)[0] != batch or cnp.PyArray_DIMS(ps)[1] != 1:
-            raise ValueError(f"position_ids must have shape ({batch}, 1), got {(<object>ps).shape}")
-    cdef void* lp = cnp.PyArray_DATA(ln)
+    if cnp.PyArray_DIMS(ln)[0] != batch:
+        raise ValueError(f"lengths has {ln.shape[0]} entries for the attention_mask's {batch} rows")
+    cdef _Rows r = _rows(ln, finished, position_ids, batch)
     for b in range(batch):
-        col = column if column >= 0 else _get(lp, len64, b)
+        col = column if column >= 0 else _get(r.lengths, r.len64, b)
         if col < 0 or col >= width:
             raise ValueError(f"row {b}: column {col} is outside the attention mask's {width} columns "
                              f"(the sequence would exceed max_length)")
     cdef void* mp = cnp.PyArray_DATA(mk)
     cdef Py_ssize_t ms = _row_stride(mk)
-    cdef const uint8_t* fp = <const uint8_t*>cnp.PyArray_DATA(fin)
-    cdef void* pp = NULL
-    cdef Py_ssize_t pst = 0
-    if position_ids is not None:
-        pp = cnp.PyArray_DATA(ps)
-        pst = _row_stride(ps)
     with nogil:
         if mask64:
-            _advance_mask(<int64_t*>mp, ms, batch, lp, len64, fp, column)
+            _advance_mask(<int64_t*>mp, ms, batch, r.lengths, r.len64, r.finished, column)
         else:
-            _advance_mask(<int32_t*>mp, ms, batch, lp, len64, fp, column)
-        if pp != NULL:
-            if pos64:
-                _advance_positions(<int64_t*>pp, pst, batch, lp, len64, fp)
-            else:
-                _advance_positions(<int32_t*>pp, pst, batch, lp, len64, fp)
-        if len64:
-            _advance_lengths(<int64_t*>lp, batch, fp)
-        else:
-            _advance_lengths(<int32_t*>lp, batch, fp)
+            _advance_mask(<int32_t*>mp, ms, batch, r.lengths, r.len64, r.finished, column)
+        _count_rows(r, batch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,45 +267,18 @@ def advance_packed(mask, Py_ssize_t width, position_ids, lengths, finished):
     """
     cdef cnp.ndarray mk = _array(mask, "mask", 1, True)
     cdef cnp.ndarray ln = _array(lengths, "lengths", 1, True)
-    cdef cnp.ndarray fin = _array(finished, "finished", 1, False)
-    cdef cnp.ndarray ps
     cdef bint mask64 = _is_int64(mk, "mask")
-    cdef bint len64 = _is_int64(ln, "lengths")
-    cdef bint pos64 = False
     cdef Py_ssize_t batch = cnp.PyArray_DIMS(ln)[0]
-    if cnp.PyArray_TYPE(fin) != cnp.NPY_UINT8 and cnp.PyArray_TYPE(fin) != cnp.NPY_BOOL:
-        raise ValueError(f"finished must be uint8 or bool, got {fin.dtype}")
-    if cnp.PyArray_DIMS(fin)[0] != batch:
-        raise ValueError(f"finished has {fin.shape[0]} entries, lengths {batch}")
+    cdef _Rows r = _rows(ln, finished, position_ids, batch)
     if width < 0:
         raise ValueError(f"width must be >= 0, got {width}")
     if cnp.PyArray_DIMS(mk)[0] < batch * (width + 1):
         raise ValueError(f"mask holds {mk.shape[0]} entries, fewer than batch * (width + 1) = "
                          f"{batch * (width + 1)} (the sequence would exceed max_length)")
-    if position_ids is not None:
-        ps = _array(position_ids, "position_ids", 2, True)
-        pos64 = _is_int64(ps, "position_ids")
-        if cnp.PyArray_DIMS(ps)[0] != batch or cnp.PyArray_DIMS(ps)[1] != 1:
-            raise ValueError(f"position_ids must have shape ({batch}, 1), got {(<object>ps).shape}")
     cdef void* mp = cnp.PyArray_DATA(mk)
-    cdef void* lp = cnp.PyArray_DATA(ln)
-    cdef const uint8_t* fp = <const uint8_t*>cnp.PyArray_DATA(fin)
-    cdef void* pp = NULL
-    cdef Py_ssize_t pst = 0
-    if position_ids is not None:
-        pp = cnp.PyArray_DATA(ps)
-        pst = _row_stride(ps)
     with nogil:
         if mask64:
-            _relayout_append(<int64_t*>mp, batch, width, fp)
+            _relayout_append(<int64_t*>mp, batch, width, r.finished)
         else:
-            _relayout_append(<int32_t*>mp, batch, width, fp)
-        if pp != NULL:
-            if pos64:
-                _advance_positions(<int64_t*>pp, pst, batch, lp, len64, fp)
-            else:
-                _advance_positions(<int32_t*>pp, pst, batch, lp, len64, fp)
-        if len64:
-            _advance_lengths(<int64_t*>lp, batch, fp)
-        else:
-            _advance_lengths(<int32_t*>lp, batch, fp)
+            _relayout_append(<int32_t*>mp, batch, width, r.finished)
+        _count_rows(r, batch)

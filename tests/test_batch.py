@@ -327,3 +327,13 @@ def test_batch_equals_onnxruntime_genai_batch(tmp_path_factory):
         gen.generate_next_token()
     want = [[int(t) for t in gen.get_sequence(i)[12:]] for i in range(4)]
     assert [r.token_ids for r in eng.generate(ids, max_new_tokens=40)] == want
+
+
+def test_a_list_on_a_max_batch_1_engine_runs_prompt_by_prompt(pair):
+    _, alone, spec = pair
+    prompts = _prompts(spec, [4, 9, 2], seed=12)
+    results = alone.generate(prompts, max_new_tokens=[5, 7, 3])
+    assert [r.token_ids for r in results] == [
+        alone.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, [5, 7, 3], strict=True)
+    ]
+    assert alone._state.packed_mask is None  # no batch buffers on a max_batch=1 engine

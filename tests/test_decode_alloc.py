@@ -67,9 +67,8 @@ def _steps(st, sampler, n):
         sampler.sample(logits, st.next_ids)
 
 
-def test_no_allocating_calls_in_decode_step(eng):
-    st, sampler = _start(eng, [1, 2, 3, 4])
-    _steps(st, sampler, 2)
+def _c_calls(fn) -> set[str]:
+    """Names of the C functions ``fn()`` calls (sys.setprofile audit)."""
     called: set[str] = set()
 
     def audit(frame, event, arg):
@@ -78,9 +77,37 @@ def test_no_allocating_calls_in_decode_step(eng):
 
     sys.setprofile(audit)
     try:
-        _steps(st, sampler, 50)
+        fn()
     finally:
         sys.setprofile(None)
+    return called
+
+
+def _numpy_growth_and_peak(fn) -> tuple[list, int]:
+    """(numpy allocations that ``fn()`` left behind, tracemalloc peak growth in bytes during it)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    numpy_domain = tracemalloc.DomainFilter(inclusive=True, domain=np.lib.tracemalloc_domain)
+    grown = [
+        s
+        for s in after.filter_traces([numpy_domain]).compare_to(before.filter_traces([numpy_domain]), "lineno")
+        if s.count_diff > 0
+    ]
+    return grown, peak - base
+
+
+def test_no_allocating_calls_in_decode_step(eng):
+    st, sampler = _start(eng, [1, 2, 3, 4])
+    _steps(st, sampler, 2)
+    called = _c_calls(lambda: _steps(st, sampler, 50))
     assert "bind_ortvalue_input" in called  # the audit does see the step's C calls
     # the run itself is a functools.partial straight onto ORT's C-level run_with_iobinding, which
     # setprofile cannot look into: check that it is nothing else
@@ -92,25 +119,10 @@ def test_no_allocating_calls_in_decode_step(eng):
 def test_no_numpy_buffers_and_flat_peak(eng):
     st, sampler = _start(eng, [1, 9, 8, 7])
     _steps(st, sampler, 2)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        tracemalloc.reset_peak()
-        base, _ = tracemalloc.get_traced_memory()
-        _steps(st, sampler, 200)
-        _, peak = tracemalloc.get_traced_memory()
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    numpy_domain = tracemalloc.DomainFilter(inclusive=True, domain=np.lib.tracemalloc_domain)
-    grown = [
-        s
-        for s in after.filter_traces([numpy_domain]).compare_to(before.filter_traces([numpy_domain]), "lineno")
-        if s.count_diff > 0
-    ]
+    grown, peak = _numpy_growth_and_peak(lambda: _steps(st, sampler, 200))
     assert not grown, grown[:3]
     logits_row = VOCAB * 4
-    assert peak - base < logits_row // 8, f"peak grew by {peak - base} bytes over 200 steps"
+    assert peak < logits_row // 8, f"peak grew by {peak} bytes over 200 steps"
 
 
 def test_whole_request_memory_does_not_scale_with_tokens(eng):
@@ -156,37 +168,11 @@ def test_batch_decode_step_allocates_nothing(batch_eng):
     sampler.sample(logits, st.next_ids, 3)
     _batch_steps(st, sampler, 2)
     st.finished[1] = 1  # a finished row is masked from here on: still no allocation
-    called: set[str] = set()
-
-    def audit(frame, event, arg):
-        if event == "c_call":
-            called.add(getattr(arg, "__name__", repr(arg)))
-
-    sys.setprofile(audit)
-    try:
-        _batch_steps(st, sampler, 20)
-    finally:
-        sys.setprofile(None)
+    called = _c_calls(lambda: _batch_steps(st, sampler, 20))
     assert "bind_ortvalue_input" in called  # the audit sees the step's C calls
     assert not (called & FORBIDDEN), sorted(called & FORBIDDEN)
-
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        tracemalloc.reset_peak()
-        base, _ = tracemalloc.get_traced_memory()
-        _batch_steps(st, sampler, 150)
-        _, peak = tracemalloc.get_traced_memory()
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    numpy_domain = tracemalloc.DomainFilter(inclusive=True, domain=np.lib.tracemalloc_domain)
-    grown = [
-        s
-        for s in after.filter_traces([numpy_domain]).compare_to(before.filter_traces([numpy_domain]), "lineno")
-        if s.count_diff > 0
-    ]
+    grown, peak = _numpy_growth_and_peak(lambda: _batch_steps(st, sampler, 150))
     assert not grown, grown[:3]
-    assert peak - base < VOCAB * 4 // 8, f"peak grew by {peak - base} bytes over 150 steps"
+    assert peak < VOCAB * 4 // 8, f"peak grew by {peak} bytes over 150 steps"
     # the finished row stopped growing; the others count every step
     assert st.lengths[:3].tolist() == [3 + 172, 5 + 2, 1 + 172]
