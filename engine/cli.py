@@ -1,8 +1,9 @@
 """Command line: ``python -m engine`` or the ``engine`` console script.
 
     engine generate --model DIR --prompt TEXT [--max-new-tokens N] [sampling flags] [--stream] [--chat]
+    engine generate --model DIR --prompt A --prompt B ... [--max-batch N]   # a batch: one block per prompt
     engine chat --model DIR            # interactive, multi-turn; /reset clears the history, /quit leaves
-    engine info --model DIR            # layout, layers, KV heads, head size, KV bytes/token, vocab, providers
+    engine info --model DIR [--max-length L] [--max-batch B]   # layout, shapes, KV bytes, vocab, providers
 
 TTFT and tok/s go to stderr at the end of each generation; the text goes to stdout.
 """
@@ -57,7 +58,13 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _engine(args: argparse.Namespace):
     from .generation import Engine
 
-    return Engine(args.model, provider=args.provider, max_length=args.max_length, threads=args.threads)
+    return Engine(
+        args.model,
+        provider=args.provider,
+        max_length=args.max_length,
+        threads=args.threads,
+        max_batch=getattr(args, "max_batch", 1),
+    )
 
 
 def _print_stats(stats) -> None:
@@ -88,12 +95,23 @@ def _run_one(eng, prompt_ids: list[int] | str, args: argparse.Namespace, stream:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """``engine generate``."""
+    """``engine generate``: one prompt, or a batch when --prompt is given several times."""
+    if len(args.prompt) > 1 and args.stream:
+        print("error: --stream takes one --prompt (a batch prints each result when it is done)", file=sys.stderr)
+        return 2
+    args.max_batch = max(1, min(args.max_batch, len(args.prompt)))  # no KV rows beyond the prompts given
     eng = _engine(args)
-    prompt: list[int] | str = args.prompt
+    prompts: list[list[int] | str] = list(args.prompt)
     if args.chat:
-        prompt = eng.render_chat([{"role": "user", "content": args.prompt}])
-    _run_one(eng, prompt, args, args.stream)
+        prompts = [eng.render_chat([{"role": "user", "content": p}]) for p in args.prompt]
+    if len(prompts) == 1:
+        _run_one(eng, prompts[0], args, args.stream)
+        return 0
+    results = eng.generate(prompts, args.max_new_tokens, **_sampling_kwargs(args))
+    for i, res in enumerate(results):
+        print(f"--- [{i}] {res.finish_reason}")
+        print(res.text)
+        _print_stats(res.stats)
     return 0
 
 
@@ -131,10 +149,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``engine info``: what the engine reads from a model folder."""
-    from .config import load_model_spec
+    from .config import DEFAULT_MAX_LENGTH, load_model_spec
+    from .kv_cache import kv_cache_bytes_needed
     from .providers import available_providers, default_threads
 
     spec = load_model_spec(args.model)
+    length = args.max_length or min(spec.context_length, DEFAULT_MAX_LENGTH)
+    kv = kv_cache_bytes_needed(spec, length, args.max_batch)
     rows = [
         ("model", str(spec.model_path)),
         ("type", spec.model_type),
@@ -148,6 +169,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("context length", spec.context_length),
         ("KV dtype", spec.kv_dtype.name),
         ("KV bytes per token", spec.kv_bytes_per_token),
+        (f"KV cache (max_length {length} x max_batch {args.max_batch})", f"{kv / 2**20:.1f} MiB"),
         ("weights", f"{spec.weight_bytes / 2**20:.1f} MiB"),
         ("BOS / EOS / PAD", f"{spec.bos_token_id} / {list(spec.eos_token_ids)} / {spec.pad_token_id}"),
         ("default CPU threads", default_threads(spec.weight_bytes)),
@@ -165,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_model_args(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append", help="prompt text (repeat it for a batch)")
+    g.add_argument("--max-batch", type=int, default=8, help="prompts per forward pass of a batch (default 8)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     _add_sampling_args(g)
@@ -177,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
     i = sub.add_parser("info", help="describe a model folder")
     i.add_argument("--model", required=True)
+    i.add_argument("--max-length", type=int, default=None, help="for the KV estimate (default min(context, 4096))")
+    i.add_argument("--max-batch", type=int, default=1, help="for the KV estimate (default 1)")
     i.set_defaults(func=cmd_info)
     return parser
 

@@ -31,6 +31,7 @@ import onnx
 from .errors import InvalidRequestError, ModelFileNotFoundError, ModelLoadError, UnsupportedModelError
 
 GENAI_CONFIG = "genai_config.json"
+DEFAULT_MAX_LENGTH = 4096  # an Engine's max_length when none is given: min(context_length, this)
 
 # ONNX TensorProto element type -> numpy dtype, for the types a decoder's inputs/outputs use.
 _ONNX_TO_NUMPY = {

@@ -29,7 +29,7 @@ import numpy as np
 
 from .binding import StepState
 from .chat import load_chat_template, render_chat
-from .config import KVLayout, ModelSpec, load_model_spec
+from .config import DEFAULT_MAX_LENGTH, KVLayout, ModelSpec, load_model_spec
 from .errors import (
     ContextLengthError,
     InsufficientMemoryError,
@@ -45,7 +45,6 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 if TYPE_CHECKING:
     from .cuda import DeviceSampler, DeviceStepState
 
-DEFAULT_MAX_LENGTH = 4096
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 

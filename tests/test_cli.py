@@ -45,11 +45,29 @@ def test_generate_stop_string(stories260k, capsys):
     assert out == ref["continuation"].split("Lily")[0] + "\n"
 
 
+def test_generate_a_batch_prints_each_reference_continuation(stories260k, capsys):
+    refs = load_reference(stories260k)[:3]
+    n = len(refs[0]["greedy_ids"])
+    args = ["generate", "--model", str(stories260k), "--max-new-tokens", str(n), "--max-length", "128"]
+    for ref in refs:
+        args += ["--prompt", ref["prompt"]]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    expected = "".join(f"--- [{i}] length\n{ref['continuation']}\n" for i, ref in enumerate(refs))
+    assert out == expected
+    assert err.count("TTFT") == 3
+    assert main([*args, "--stream"]) == 2
+    assert "--stream takes one --prompt" in capsys.readouterr().err
+
+
 def test_info(model_dir, capsys):
-    assert main(["info", "--model", str(model_dir)]) == 0
+    assert main(["info", "--model", str(model_dir), "--max-length", "128", "--max-batch", "4"]) == 0
     out, _ = capsys.readouterr()
     for key in ("layout", "gqa_shared", "KV heads", "head size", "KV bytes per token", "vocab", "providers available"):
         assert key in out
+    spec = SyntheticSpec(layout="gqa", seed=51)
+    kv = 2 * spec.layers * spec.kv_heads * spec.head_size * 4 * 128 * 4  # K and V, fp32, 128 tokens, 4 rows
+    assert f"KV cache (max_length 128 x max_batch 4)  {kv / 2**20:.1f} MiB" in out
 
 
 def test_bad_model_is_a_clean_error(tmp_path, capsys):
