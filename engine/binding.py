@@ -28,6 +28,9 @@ from .config import ModelSpec
 from .kv_cache import GrowingKVCache, StaticKVCache, make_kv_cache
 from .masks import advance_packed, prepare_left_padded
 
+_MAX_CACHED = 64  # row-range OrtValues kept for reuse before the cache is emptied
+_PACKED_ROW_COUNTS = 4  # batch sizes whose packed-mask views are kept
+
 
 class FastBinding:
     """The IOBinding calls of the decode step, made on ORT's C-level objects.
@@ -192,8 +195,8 @@ class StepState:
         self.logits_2d = self.logits[:, 0, :]  # (batch, vocab) view handed to the sampler
         self._logits_handles = handles(self.logits)
         self._logits_one = self.logits_2d[:1]  # (1, vocab) view: what a single request's steps return
-        # (start, stop) -> handle of logits[start:stop] (the prefill of a run of rows)
-        self._logits_range_handles: dict[tuple[int, int], object] = {}
+        # (start, stop) -> (OrtValue, handle) of logits[start:stop] (the prefill of a run of rows)
+        self._logits_range_handles: dict[tuple[int, int], tuple] = {}
 
         # use_cache_branch (1,) bool of merged Optimum decoders: False for the prompt, True after
         self._cache_branch: dict[bool, ort.OrtValue] = {}
@@ -261,6 +264,16 @@ class StepState:
             self.logits[logits_row : logits_row + rows, 0, :] = full[:, -1, :]
             self._bound_rows = 0  # the logits output is bound to ORT's memory: rebind before the next run
 
+    def _logits_range(self, start: int, stop: int):
+        """Handle of ``logits[start:stop]`` (the prefill of a run of rows); a bounded cache."""
+        handle = self._logits_range_handles.get((start, stop))
+        if handle is None:
+            if len(self._logits_range_handles) >= _MAX_CACHED:
+                self._logits_range_handles.clear()
+            value = ort.OrtValue.ortvalue_from_numpy(self.logits[start:stop])
+            handle = self._logits_range_handles[start, stop] = (value, self.bind.value(value))
+        return handle[1]
+
     def _positions(self, n: int) -> np.ndarray | None:
         """(1, n) positions 0..n-1 of a prompt, or None for models without position_ids."""
         if self.position_ids is None:
@@ -300,9 +313,16 @@ class StepState:
     # batches
 
     def _packed_views(self, n: int, max_width: int) -> tuple[list[np.ndarray], list]:
-        """(n, w) views of the packed mask and their handles for w = 0..max_width (extended on demand)."""
-        views, values, handles = self._packed.setdefault(n, ([], [], []))
+        """(n, w) views of the packed mask and their handles for w = 0..max_width (extended on demand;
+        kept for the last few row counts used)."""
         assert self.packed_mask is not None
+        entry = self._packed.pop(n, None)
+        if entry is None:
+            while len(self._packed) >= _PACKED_ROW_COUNTS:
+                self._packed.pop(next(iter(self._packed)))  # the least recently used row count
+            entry = ([], [], [])
+        self._packed[n] = entry  # most recently used last
+        views, values, handles = entry
         for w in range(len(views), max_width + 1):
             view = self.packed_mask[: n * w].reshape(n, w)
             value = ort.OrtValue.ortvalue_from_numpy(view)
@@ -311,14 +331,16 @@ class StepState:
             handles.append(self.bind.value(value))
         return views, handles
 
-    def prefill_rows(self, prompts: list[np.ndarray], max_steps: int, pad_id: int = 0) -> np.ndarray:
+    def prefill_rows(self, prompts: list[np.ndarray], max_steps: int) -> np.ndarray:
         """Prefill a batch of ``n`` prompts (1-D int64 arrays); returns the logits ``(n, vocab)``.
 
-        Share-buffer GQA caches run the prompts on their own cache rows, one forward pass per run of
-        consecutive prompts of the same length (``seqlens_k`` gives every row its own length in the
-        decode steps, so no padding ever enters the cache); growing caches run one left-padded
-        ``(n, width)`` prompt with the padding masked. After it, the mask is the left-padded
-        ``(n, width)`` one (packed) and :meth:`decode_rows` may run ``max_steps`` times.
+        No padding enters a forward pass: each run of consecutive prompts of the same length is one
+        pass of its own, exactly the single-request prefill of those rows. Share-buffer GQA caches
+        run it on the rows' own cache rows (in the decode steps ``seqlens_k``, the mask's row sums,
+        gives every row its own length, so the cache holds no padding at all). Growing caches copy
+        each run's presents into a zero-filled ``(n, ..., width, ...)`` past, right-aligned: the
+        padding is masked and finite. After it, the mask is the left-padded ``(n, width)`` one
+        (packed) and :meth:`decode_rows` may run ``max_steps`` times.
         """
         if self.packed_mask is None:
             raise ValueError("prefill_rows needs a StepState with batch > 1 and an attention_mask input")
@@ -333,43 +355,32 @@ class StepState:
             raise ValueError(f"width {width} + {max_steps} steps exceeds max_length {self.max_length}")
         views, handles = self._packed_views(n, width + max_steps)
         self.rows = n
-        ids_dtype = spec.input_ids.dtype
-        if self._static:
-            self._bound_rows = 0  # rebound below
-            start = 0
-            while start < n:  # each run of consecutive prompts of one length: one forward pass
-                p = prompts[start].size
-                stop = start + 1
-                while stop < n and prompts[stop].size == p:
-                    stop += 1
-                rows = stop - start
+        self._bound_rows = 0  # the runs below bind other rows: rebind rows 0:n after them
+        # growing caches: (n, ..., width, ...) pasts, one per layer (and K/V), zero on the padding
+        merged = [] if self._static else [np.zeros(spec.kv_shape(n, width), spec.kv_dtype) for _ in spec.past_names]
+        start = 0
+        while start < n:  # each run of consecutive prompts of one length: one forward pass
+            p = prompts[start].size
+            stop = start + 1
+            while stop < n and prompts[stop].size == p:
+                stop += 1
+            rows = stop - start
+            if self._static:
                 self.kv.bind_rows(bind, start, stop)
-                handle = self._logits_range_handles.get((start, stop))
-                if handle is None:
-                    value = ort.OrtValue.ortvalue_from_numpy(self.logits[start:stop])
-                    self._keep.append(value)
-                    handle = self._logits_range_handles[start, stop] = bind.value(value)
-                bind.bind_output(spec.logits.name, handle)
-                ids = np.stack(prompts[start:stop]).astype(ids_dtype)  # (rows, P)
-                mask = self._mask_handles[p] if rows == 1 else np.ones((rows, p), spec.attention_mask.dtype)
-                positions = self._positions(p)
-                if positions is not None and rows > 1:
-                    positions = np.repeat(positions, rows, axis=0)  # (rows, P)
-                self._run_prompt(ids, mask, positions, start)
-                start = stop
-        else:
-            self._bind_rows(n)
-            self.kv.start(bind, n)
-            ids = np.full((n, width), pad_id, dtype=ids_dtype)  # (n, width) left-padded prompts
-            for b, prompt in enumerate(prompts):
-                ids[b, width - prompt.size :] = prompt
-            mask = views[width]
-            positions = None
-            if self.position_ids is not None:
-                positions = np.zeros((n, width), dtype=spec.position_ids.dtype)  # (n, width), 0 on padding
-            prepare_left_padded(lengths, mask, positions)
-            self._run_prompt(ids, handles[width], positions, 0)
-            self.kv.advance(bind)
+            else:
+                self.kv.start(bind, rows)
+            bind.bind_output(spec.logits.name, self._logits_range(start, stop))
+            ids = np.stack(prompts[start:stop]).astype(spec.input_ids.dtype)  # (rows, P)
+            mask = self._mask_handles[p] if rows == 1 else np.ones((rows, p), spec.attention_mask.dtype)
+            positions = self._positions(p)
+            if positions is not None and rows > 1:
+                positions = np.repeat(positions, rows, axis=0)  # (rows, P)
+            self._run_prompt(ids, mask, positions, start)
+            if not self._static:
+                self.kv.copy_presents_into(bind, merged, start, width)
+            start = stop
+        if not self._static:
+            self.kv.start_from(bind, merged)
         prepare_left_padded(lengths, views[width])
         self.finished[:n] = 0
         self._batch_views = (

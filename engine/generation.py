@@ -262,8 +262,6 @@ class Engine:
             self._sampler = Sampler(self.max_batch, spec.vocab_size, impl=sampler_impl)
         # (max_batch, max_length) int64: new token ids of a request's rows
         self._out_ids = np.zeros((self.max_batch, self.max_length), dtype=np.int64)
-        pad = spec.pad_token_id
-        self._pad_id = pad if pad is not None and 0 <= pad < spec.vocab_size else 0  # left padding of batches
         self._lock = threading.Lock()
         self.chat_template: str | None = load_chat_template(spec.model_dir)
         self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
@@ -486,7 +484,7 @@ class Engine:
         max_steps = max(r.max_new_tokens for r in reqs) - 1
 
         t0 = time.perf_counter()
-        logits = st.prefill_rows([r.prompt_ids for r in reqs], max_steps, self._pad_id)
+        logits = st.prefill_rows([r.prompt_ids for r in reqs], max_steps)
         sampler.sample(logits, st.next_ids, n)
         t_first = time.perf_counter()
         live = n
@@ -528,10 +526,15 @@ class Engine:
         for b, req in enumerate(reqs):
             lp = logprobs[b] if want[b] else None
             req.result = self._result(req, out[b, : counts[b]], finish[b], (t0, t_first, t_end[b]), lp, top[b])
+        self.last_result = reqs[-1].result
 
     def _batchable(self, reqs: list[_Request]) -> bool:
         """Whether ``reqs`` can share forward passes (else they run one by one, with the same results)."""
         if len(reqs) < 2 or self._state.packed_mask is None:
+            return False
+        if self.spec.layout is not KVLayout.GQA_SHARED and self.spec.position_ids is None:
+            # a growing-cache model without position_ids takes positions from the past length,
+            # which left padding would shift for every row shorter than the longest
             return False
         width = max(r.prompt_ids.size for r in reqs)
         steps = max(r.max_new_tokens for r in reqs)
@@ -550,6 +553,7 @@ class Engine:
         sampling: Mapping[str, Any],
     ) -> list[_Request]:
         """Check every row of a batch before anything runs; per-row values are lists of one per prompt."""
+        t_start = time.perf_counter()
         n = len(prompts)
         if n == 0:
             raise InvalidRequestError("the batch is empty; give at least one prompt")
@@ -570,14 +574,16 @@ class Engine:
         for key, value in sampling.items():
             for row, v in zip(rows_sampling, per_row(key, value), strict=True):
                 row[key] = v
+        ids = [self._in_row(b, self._prompt_ids, prompts[b]) for b in range(n)]  # each prompt tokenized once
+        tokenize_s = time.perf_counter() - t_start
         if max_new_tokens is None:
             # one default for the whole batch: the room its longest prompt leaves
-            longest = max(self._in_row(b, self._prompt_ids, prompts[b]).size for b in range(n))
-            room = self.max_length - longest
+            room = self.max_length - max(i.size for i in ids)
             rows_new = [room if room >= 1 else None] * n
-        return [
-            self._in_row(b, self._prepare, prompts[b], rows_new[b], stop, rows_sampling[b], False) for b in range(n)
-        ]
+        reqs = [self._in_row(b, self._prepare, ids[b], rows_new[b], stop, rows_sampling[b], False) for b in range(n)]
+        for req in reqs:  # every row's clock starts at the call, and the batch's tokenization counts in it
+            req.t_start, req.tokenize_s = t_start, tokenize_s
+        return reqs
 
     @staticmethod
     def _in_row(b: int, fn: Any, *args: Any) -> Any:

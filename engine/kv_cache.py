@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from .binding import FastBinding
 
 
+_MAX_ROW_RANGES = 64  # row ranges whose OrtValues are kept for reuse
+
+
 class StaticKVCache:
     """Preallocated share-buffer KV cache for GroupQueryAttention models."""
 
@@ -54,6 +57,8 @@ class StaticKVCache:
         """
         handles = self._row_handles.get((start, stop))
         if handles is None:
+            if len(self._row_handles) >= _MAX_ROW_RANGES:
+                self._row_handles.clear()  # bounded: the ranges a workload uses are few
             # OrtValues over views of the buffers (views of leading rows are contiguous), kept alive here
             values = [ort.OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self.buffers]
             handles = self._row_handles[start, stop] = [(v, bind.value(v)) for v in values]
@@ -97,6 +102,27 @@ class GrowingKVCache:
             entry = self._empty[rows] = (empty, value, bind.value(value))
         for name in self.past_names:
             bind.bind_input(name, entry[2])
+        self._bind_presents(bind)
+
+    def copy_presents_into(self, bind: FastBinding, pasts: list[np.ndarray], row: int, width: int) -> None:
+        """After a prefill of ``r`` rows: copy its presents into rows ``row:row + r`` of ``pasts``
+        (one ``kv_shape(n, width)`` array per past input), right-aligned on the sequence axis."""
+        outputs = bind.outputs()
+        batch_axis, seq_axis = (1, 3) if self.spec.layout is KVLayout.COMBINED else (0, 2)
+        for (index, _), past in zip(self._pairs, pasts, strict=True):
+            present = outputs[index].numpy()  # (..., r, ..., P, ...) a copy: prefill may copy
+            rows, length = present.shape[batch_axis], present.shape[seq_axis]
+            where = [slice(None)] * past.ndim
+            where[batch_axis] = slice(row, row + rows)
+            where[seq_axis] = slice(width - length, width)
+            past[tuple(where)] = present
+
+    def start_from(self, bind: FastBinding, pasts: list[np.ndarray]) -> None:
+        """Continue from ``pasts`` (host arrays, one per past input; kept alive here until the next
+        start), presents allocated by ORT."""
+        self._start_values = [ort.OrtValue.ortvalue_from_numpy(p) for p in pasts]
+        for name, value in zip(self.past_names, self._start_values, strict=True):
+            bind.bind_input(name, bind.value(value))
         self._bind_presents(bind)
 
     def _bind_presents(self, bind: FastBinding) -> None:

@@ -272,7 +272,8 @@ def advance_packed(mask, Py_ssize_t width, position_ids, lengths, finished):
     cdef _Rows r = _rows(ln, finished, position_ids, batch)
     if width < 0:
         raise ValueError(f"width must be >= 0, got {width}")
-    if cnp.PyArray_DIMS(mk)[0] < batch * (width + 1):
+    # width + 1 > entries // batch, written so that nothing can overflow
+    if batch > 0 and width >= cnp.PyArray_DIMS(mk)[0] // batch:
         raise ValueError(f"mask holds {mk.shape[0]} entries, fewer than batch * (width + 1) = "
                          f"{batch * (width + 1)} (the sequence would exceed max_length)")
     cdef void* mp = cnp.PyArray_DATA(mk)

@@ -9,6 +9,8 @@ row-by-row fallback.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -337,3 +339,44 @@ def test_a_list_on_a_max_batch_1_engine_runs_prompt_by_prompt(pair):
         alone.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, [5, 7, 3], strict=True)
     ]
     assert alone._state.packed_mask is None  # no batch buffers on a max_batch=1 engine
+
+
+def test_growing_cache_without_position_ids_runs_row_by_row(tiny_gpt2, tmp_path):
+    """A concat/combined export that derives positions from the past length (no position_ids
+    input) would see shifted positions under left padding: such batches run row by row. The model:
+    tiny-gpt2 with its position_ids input replaced by Range(past, total) inside the graph (found by
+    review: before the guard, its batched rows differed from the rows run alone)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    d = tmp_path / "gpt2-no-position-ids"
+    shutil.copytree(tiny_gpt2, d)
+    model = onnx.load(str(d / "past.onnx"))
+    g = model.graph
+    g.input.remove(next(i for i in g.input if i.name == "position_ids"))
+    one = helper.make_tensor("one", TensorProto.INT64, [], [1])
+    nodes = [
+        helper.make_node("Constant", [], ["np/one"], value=one),
+        helper.make_node("Shape", ["attention_mask"], ["np/mask_shape"]),
+        helper.make_node("Gather", ["np/mask_shape", "np/one"], ["np/total"], axis=0),
+        helper.make_node("Shape", ["input_ids"], ["np/ids_shape"]),
+        helper.make_node("Gather", ["np/ids_shape", "np/one"], ["np/seq"], axis=0),
+        helper.make_node("Sub", ["np/total", "np/seq"], ["np/past"]),
+        helper.make_node("Range", ["np/past", "np/total", "np/one"], ["np/range"]),
+        helper.make_node("Unsqueeze", ["np/range"], ["np/row"], axes=[0]),
+        helper.make_node("Expand", ["np/row", "np/ids_shape"], ["position_ids"]),
+    ]
+    old = list(g.node)
+    del g.node[:]
+    g.node.extend(nodes + old)
+    onnx.save(model, str(d / "past.onnx"))
+
+    batch = engine.Engine(d, max_length=64, max_batch=4)
+    alone = engine.Engine(d, max_length=64)
+    original = engine.Engine(tiny_gpt2, max_length=64)
+    assert batch.spec.position_ids is None
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
+    want = [original.generate(p, max_new_tokens=10).token_ids for p in prompts]
+    assert [alone.generate(p, max_new_tokens=10).token_ids for p in prompts] == want  # the edit is faithful
+    assert not batch._batchable([batch._prepare(p, 10, None, {}, False) for p in prompts])
+    assert [r.token_ids for r in batch.generate(prompts, max_new_tokens=10)] == want

@@ -225,6 +225,8 @@ def test_advance_packed_matches_the_static_mask(impl, packed, dtype, batch):
         ((np.zeros(6, np.int64), 2, None, np.array([1, 1]), np.zeros(2, np.int16)), "finished"),
         ((np.zeros(6, np.int64), 2, np.zeros((1, 1), np.int64), np.array([1, 1]), np.zeros(2, np.uint8)), "position"),
         ((np.zeros((2, 3), np.int64), 2, None, np.array([1, 1]), np.zeros(2, np.uint8)), "1-D"),
+        # batch * (width + 1) wraps around in 64 bits: found by review, was an out-of-bounds write
+        ((np.zeros(2, np.int64), (2**64 + 2) // 3 - 1, None, np.zeros(3, np.int64), np.zeros(3, np.uint8)), "fewer"),
     ],
 )
 def test_advance_packed_errors_write_nothing(packed, args, match):
