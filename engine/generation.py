@@ -32,6 +32,7 @@ from .chat import load_chat_template, render_chat
 from .config import DEFAULT_MAX_LENGTH, KVLayout, ModelSpec, load_model_spec
 from .errors import (
     ContextLengthError,
+    EngineError,
     InsufficientMemoryError,
     InvalidRequestError,
 )
@@ -91,7 +92,7 @@ class StreamChunk:
     logprob: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (queues hold them; numpy fields have no == of one bool)
 class _Request:
     prompt_ids: np.ndarray  # (P,) int64
     max_new_tokens: int
@@ -102,6 +103,15 @@ class _Request:
     tokenize_s: float
     pieces: list[str] = field(default_factory=list)
     result: GenerationResult | None = None
+    error: BaseException | None = None  # set when a batch this request was coalesced into failed
+
+    def restart(self) -> None:
+        """Forget a partial run (its text state), so that the request can run again from the start."""
+        self.pieces = []
+        if self.detok is not None:
+            self.detok = IncrementalDetokenizer(self.detok._tok, self.prompt_ids.tolist())
+        if self.stop is not None:
+            self.stop = StopStringMatcher(self.stop.stop)
 
 
 _log = logging.getLogger("engine")
@@ -159,6 +169,10 @@ class Engine:
         max_batch: the most prompts one forward pass serves. ``generate()`` with a list of prompts
             runs them ``max_batch`` at a time; the KV cache holds ``max_batch`` rows (the memory check
             counts them). 1 (default): a list runs prompt by prompt. CPU only for now.
+        auto_batch: coalesce concurrent single-prompt ``generate()`` calls from several threads into
+            batches of up to ``max_batch``: whoever gets the engine next runs every request waiting
+            then, oldest first (see docs/api.md, Concurrency). Off by default: on INT4 models a
+            request's greedy tokens may then depend on what it was batched with.
         cuda_graph: CUDA only (ignored on the CPU): capture the decode step as a CUDA graph.
             ``None`` (default): on for float16 GroupQueryAttention share-buffer models, off otherwise
             (and off with a warning if ORT refuses to capture the model); ``True`` on a model that
@@ -181,10 +195,18 @@ class Engine:
         cuda_graph: bool | None = None,
         warmup: bool = True,
         max_batch: int = 1,
+        auto_batch: bool = False,
     ) -> None:
         if not isinstance(max_batch, (int, np.integer)) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1024:
             raise InvalidRequestError(f"max_batch must be an int in 1..1024, got {max_batch!r}")
         self.max_batch = int(max_batch)
+        if not isinstance(auto_batch, bool):
+            raise InvalidRequestError(f"auto_batch must be True or False, got {auto_batch!r}")
+        if auto_batch and self.max_batch < 2:
+            raise InvalidRequestError(
+                "auto_batch=True coalesces concurrent requests into batches: it needs max_batch >= 2"
+            )
+        self.auto_batch = auto_batch
         if sampler_impl not in ("auto", "cython", "numpy"):
             raise InvalidRequestError(f"sampler_impl must be 'auto', 'cython' or 'numpy', got {sampler_impl!r}")
         self.spec: ModelSpec = load_model_spec(model_dir)
@@ -262,7 +284,9 @@ class Engine:
             self._sampler = Sampler(self.max_batch, spec.vocab_size, impl=sampler_impl)
         # (max_batch, max_length) int64: new token ids of a request's rows
         self._out_ids = np.zeros((self.max_batch, self.max_length), dtype=np.int64)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by whoever runs the engine (a request, a batch, an open stream)
+        self._queue: list[_Request] = []  # auto_batch: single requests waiting to run, oldest first
+        self._queue_lock = threading.Lock()
         self.chat_template: str | None = load_chat_template(spec.model_dir)
         self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
         if warmup:
@@ -735,11 +759,56 @@ class Engine:
                 "(a list of values is for a batch of prompts)"
             )
         req = self._prepare(cast(Any, prompt), max_new_tokens, stop, sampling, stream=False)
+        if self.auto_batch:
+            return self._coalesced(req)
         with self._lock:
             for _ in self._steps(req, stream=False):
                 pass
         assert req.result is not None
         return req.result
+
+    def _coalesced(self, req: _Request) -> GenerationResult:
+        """auto_batch: queue ``req``; whoever holds the engine next runs the waiting requests as a batch.
+
+        Each caller loops: take the engine; if another caller has already run this request, return
+        its result; else run the oldest ``max_batch`` waiting requests (this one among them, or
+        older ones first). An interrupt puts the others of the interrupted batch back in the queue;
+        another failure is raised in every caller of that batch."""
+        with self._queue_lock:
+            self._queue.append(req)
+        try:
+            while True:
+                with self._lock:
+                    if req.result is not None:
+                        return req.result
+                    if req.error is not None:
+                        raise req.error
+                    with self._queue_lock:
+                        group = self._queue[: self.max_batch]
+                        del self._queue[: len(group)]
+                    self._run_group(group, req)
+        finally:
+            with self._queue_lock:
+                if req in self._queue:  # the caller was interrupted while waiting
+                    self._queue.remove(req)
+
+    def _run_group(self, group: list[_Request], mine: _Request) -> None:
+        """Run a coalesced group (the caller holds the lock); see :meth:`_coalesced`."""
+        try:
+            self._run_batch(group)
+        except Exception as e:
+            for r in group:
+                if r is not mine and r.result is None:
+                    r.error = EngineError(f"the batch this request was coalesced into failed: {type(e).__name__}: {e}")
+                    r.error.__cause__ = e
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit in this caller: the others run later
+            back = [r for r in group if r is not mine and r.result is None]
+            for r in back:
+                r.restart()
+            with self._queue_lock:
+                self._queue[:0] = back
+            raise
 
     def stream(
         self,

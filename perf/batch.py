@@ -189,3 +189,97 @@ def batch_table(rows: list[BatchRow]) -> str:
         f"| {f(r.x_b1)} | {f(r.x_genai)} | {r.ttft_ms:.1f} | {yes(r.rows_equal_alone)} | {yes(r.rows_equal_genai)} |"
         for r in rows
     )
+
+
+@dataclass
+class ConcurrentRow:
+    """Concurrent clients on one Engine, requests serialised or coalesced (``auto_batch``)."""
+
+    model: str
+    mode: str  # "serialised" | "auto_batch"
+    clients: int
+    requests: int
+    prompt: int
+    new: int
+    reps: int
+    tok_s: float  # all new tokens / wall time of the round, median over repetitions
+    latency_ms: float  # median request latency (call to result) over all requests of all repetitions
+    x_serialised: float | None = None  # auto_batch rows: paired median of tok/s over the serialised round's
+
+
+def run_concurrent(
+    model_name: str,
+    model_dir: Path,
+    *,
+    clients: int,
+    rounds: int,
+    prompt: int,
+    new: int,
+    reps: int,
+    threads: int | None,
+    progress=None,
+) -> list[ConcurrentRow]:
+    """``clients`` threads each send ``rounds`` greedy requests one after another, on an Engine that
+    serialises them (the default) and on one with ``auto_batch=True`` (max_batch = clients);
+    the two rounds alternate for ``reps`` repetitions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine import Engine
+
+    engines = {}
+    for mode, auto in (("serialised", False), ("auto_batch", True)):
+        eng = Engine(model_dir, max_length=prompt + new, max_batch=clients, auto_batch=auto, threads=threads)
+        eng.eos_token_ids = frozenset()
+        engines[mode] = eng
+    grid = batch_prompts(clients, prompt, engines["serialised"].spec.vocab_size, seed=7)
+
+    def one_round(eng) -> tuple[float, list[float]]:
+        def client(i: int) -> list[float]:
+            return [eng.generate(grid[i], max_new_tokens=new).stats.total_s for _ in range(rounds)]
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            latencies = [x for xs in pool.map(client, range(clients)) for x in xs]
+        return clients * rounds * new / (time.perf_counter() - t), latencies
+
+    for eng in engines.values():
+        one_round(eng)  # warm-up
+    tok: dict[str, list[float]] = {m: [] for m in engines}
+    lat: dict[str, list[float]] = {m: [] for m in engines}
+    for _ in range(reps):
+        for mode, eng in engines.items():
+            t, ls = one_round(eng)
+            tok[mode].append(t)
+            lat[mode].extend(ls)
+            if progress is not None:
+                progress.update(1)
+    rows = []
+    for mode in engines:
+        row = ConcurrentRow(
+            model=model_name,
+            mode=mode,
+            clients=clients,
+            requests=clients * rounds,
+            prompt=prompt,
+            new=new,
+            reps=reps,
+            tok_s=statistics.median(tok[mode]),
+            latency_ms=statistics.median(lat[mode]) * 1e3,
+        )
+        if mode == "auto_batch":
+            row.x_serialised = statistics.median(a / b for a, b in zip(tok[mode], tok["serialised"], strict=True))
+        rows.append(row)
+    return rows
+
+
+def concurrent_table(rows: list[ConcurrentRow]) -> str:
+    """Markdown table of the concurrent-clients runs."""
+    head = (
+        "| model | mode | clients | requests | prompt | new | tok/s (all clients) | x serialised "
+        "| median latency ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    return head + "\n".join(
+        f"| {r.model} | {r.mode} | {r.clients} | {r.requests} | {r.prompt} | {r.new} | {r.tok_s:.1f} "
+        f"| {'-' if r.x_serialised is None else f'{r.x_serialised:.2f}'} | {r.latency_ms:.0f} |"
+        for r in rows
+    )

@@ -31,7 +31,7 @@ from engine.config import load_model_spec
 from engine.providers import available_providers, default_threads
 from engine.testing.soak import rss_bytes, rss_soak
 
-from .batch import BatchRow, batch_table, run_batches
+from .batch import BatchRow, ConcurrentRow, batch_table, concurrent_table, run_batches, run_concurrent
 from .common import (
     DEFAULT_CONTEXT,
     DEFAULT_VOCAB,
@@ -131,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-prompt", type=int, default=16, help="prompt length of each batch row (default 16)")
     p.add_argument(
         "--batch-new", type=int, default=None, help="new tokens per batch row (default 32, or 200 on tiny models)"
+    )
+    p.add_argument(
+        "--clients", type=int, default=8, help="concurrent clients of the auto_batch comparison (default 8; 0: skip)"
     )
     p.add_argument("--soak-tokens", type=int, default=10_000, help="tokens of the RSS soak on the tiny model (0: skip)")
     p.add_argument("--providers", default=None, help="cpu,cuda (default: every available one)")
@@ -514,10 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         total += len(cells) * (args.reps + 1) * len(wanted) * len(providers)
         if len(batches) > 1:
             total += len(batches) * args.reps * (1 + ("genai" in wanted)) * ("cpu" in providers)
+        if args.clients > 1:
+            total += 2 * args.reps * ("cpu" in providers)
 
     rows: list[Row] = []
     infos: list[dict] = []
     batch_rows: list[BatchRow] = []
+    concurrent_rows: list[ConcurrentRow] = []
     soak: dict = {}
     with tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True) as bar:
         for m in models:
@@ -542,6 +548,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 batch_rows.extend(b_rows)
                 log.extend(b_notes)
+            if args.clients > 1 and "cpu" in providers and "engine" in wanted:
+                bar.set_description(f"{m.name}/cpu: {args.clients} concurrent clients")
+                tiny = load_model_spec(m.path).weight_bytes < TINY_BYTES
+                concurrent_rows.extend(
+                    run_concurrent(
+                        m.name,
+                        m.path,
+                        clients=args.clients,
+                        rounds=4 if tiny else 1,
+                        prompt=args.batch_prompt,
+                        new=args.batch_new or (200 if tiny else 32),
+                        reps=args.reps,
+                        threads=args.threads,
+                        progress=bar,
+                    )
+                )
         if args.soak_tokens > 0 and "engine" in wanted:
             bar.set_description(f"RSS soak ({args.soak_tokens} tokens)")
             soak = rss_soak(tiny_model().path, args.soak_tokens, threads=args.threads)
@@ -593,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(batch_table(batch_rows))
         print()
+    if concurrent_rows:
+        print(concurrent_table(concurrent_rows))
+        print()
     if "cuda" in providers and len(batches) > 1:
         log.append("batch sweep: CPU only (the engine's batched generation runs on the CPU provider for now)")
     if soak:
@@ -631,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_rows": [asdict(r) for r in batch_rows],
         "batch_table": batch_table(batch_rows) if batch_rows else "",
         "rss_soak": soak,
+        "concurrent_rows": [asdict(r) for r in concurrent_rows],
     }
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")

@@ -4,6 +4,7 @@ exactly the output it gets when run alone."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -72,3 +73,106 @@ def test_open_stream_blocks_others_until_closed(eng):
     assert done.wait(10)
     t.join()
     assert result == [want]
+
+
+# ------------------------------------------------------------------------------------------------
+# auto_batch: concurrent single requests coalesced into batches
+
+
+@pytest.fixture(scope="module")
+def auto(tmp_path_factory):
+    model_dir = cached_model(SyntheticSpec(layout="gqa", seed=41), tmp_path_factory.mktemp("conc-auto"))
+    return engine.Engine(model_dir, max_length=96, max_batch=4, auto_batch=True)
+
+
+def _single_requests() -> list[dict]:
+    return [dict(r, stream=False) for r in _requests() if isinstance(r["prompt"][0], int)]
+
+
+def test_auto_batch_coalesces_waiting_requests_and_each_gets_its_own_output(eng, auto, monkeypatch):
+    """Requests queued while the engine is held (by an open stream) run together once it is free,
+    in batches of up to max_batch, and each gets exactly what it gets alone (fp32 model)."""
+    reqs = _single_requests()[:24]
+    want = [_run(eng, r) for r in reqs]
+    sizes: list[int] = []
+    original = auto._batch_steps
+
+    def recording(group):
+        sizes.append(len(group))
+        return original(group)
+
+    monkeypatch.setattr(auto, "_batch_steps", recording)
+    it = auto.stream([1, 2, 3], max_new_tokens=40)
+    next(it)  # the stream holds the engine: the requests below queue up
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(_run, auto, r) for r in reqs]
+        deadline = time.monotonic() + 10
+        while len(auto._queue) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(auto._queue) == 8  # every worker is waiting
+        it.close()
+        got = [f.result(timeout=60) for f in futures]
+    assert got == want
+    assert sizes and max(sizes) == 4  # batches did form, none larger than max_batch
+    assert not auto._queue
+
+
+def test_auto_batch_under_threads_equals_sequential(eng, auto):
+    reqs = _single_requests()
+    want = [_run(eng, r) for r in reqs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda r: _run(auto, r), reqs))
+    assert got == want
+
+
+def test_auto_batch_interrupt_requeues_the_others(auto, monkeypatch):
+    """The caller running a coalesced batch is interrupted: its request raises, the others run again
+    from the start in a later batch and get their normal outputs."""
+    reqs = [{"prompt": [1, 5 + i, 9], "max_new_tokens": 12, "stream": False} for i in range(4)]
+    want = [auto.generate(r["prompt"], max_new_tokens=12).token_ids for r in reqs]
+    st = auto._state
+    original = st.decode_rows
+    calls = {"n": 0}
+
+    def failing():
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original()
+
+    monkeypatch.setattr(st, "decode_rows", failing)
+    it = auto.stream([1, 2, 3], max_new_tokens=40)
+    next(it)
+    results: dict[int, list[int] | BaseException] = {}
+
+    def call(i):
+        try:
+            results[i] = auto.generate(reqs[i]["prompt"], max_new_tokens=12).token_ids
+        except BaseException as e:  # the interrupted caller
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(auto._queue) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    it.close()
+    for t in threads:
+        t.join(60)
+    interrupted = [i for i, r in results.items() if isinstance(r, KeyboardInterrupt)]
+    assert len(interrupted) == 1
+    for i, r in results.items():
+        if i not in interrupted:
+            assert r == want[i]
+    assert not auto._queue
+    monkeypatch.undo()
+    assert auto.generate(reqs[0]["prompt"], max_new_tokens=12).token_ids == want[0]
+
+
+def test_auto_batch_needs_max_batch(tmp_path_factory):
+    model_dir = cached_model(SyntheticSpec(layout="gqa", seed=41), tmp_path_factory.mktemp("conc-bad"))
+    with pytest.raises(engine.InvalidRequestError, match="max_batch >= 2"):
+        engine.Engine(model_dir, auto_batch=True)
+    with pytest.raises(engine.InvalidRequestError, match="auto_batch must be"):
+        engine.Engine(model_dir, max_batch=2, auto_batch="yes")
