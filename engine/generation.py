@@ -38,7 +38,7 @@ from .errors import (
 )
 from .graph import load_for_generation
 from .kv_cache import kv_cache_bytes_needed
-from .providers import CUDA_EP, SessionConfig, create_session, resolve_provider, session_options
+from .providers import CUDA_EP, SessionConfig, create_session, proc_kib_field, resolve_provider, session_options
 from .sampling import Sampler, SamplingParams
 from .stopping import StopStringMatcher
 from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
@@ -139,14 +139,7 @@ def _is_batch(prompt: object) -> bool:
 
 def _available_memory() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 class Engine:

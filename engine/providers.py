@@ -78,6 +78,19 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def proc_kib_field(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file (``/proc/meminfo``, ``/proc/self/status``) in bytes;
+    None where the file or the field is missing (not Linux)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def default_threads(weight_bytes: int) -> int:
     """Intra-op thread count for a model with ``weight_bytes`` of weights on this machine."""
     return 1 if weight_bytes < TINY_MODEL_BYTES else physical_cores()

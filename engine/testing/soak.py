@@ -10,17 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.providers import proc_kib_field
+
 
 def rss_bytes() -> int:
     """Resident set size of this process now (VmRSS; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0
+    return proc_kib_field("/proc/self/status", "VmRSS") or 0
 
 
 def rss_soak(model_dir: str | os.PathLike[str] | Path, tokens: int = 10_000, threads: int | None = None) -> dict:
