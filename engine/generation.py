@@ -15,6 +15,7 @@ request. One Engine serves one request at a time; concurrent calls wait on a loc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -278,6 +279,7 @@ class Engine:
         # (max_batch, max_length) int64: new token ids of a request's rows
         self._out_ids = np.zeros((self.max_batch, self.max_length), dtype=np.int64)
         self._lock = threading.Lock()  # held by whoever runs the engine (a request, a batch, an open stream)
+        self._owner: int | None = None  # thread ident of the holder (to refuse a re-entrant call, not hang)
         self._queue: list[_Request] = []  # auto_batch: single requests waiting to run, oldest first
         self._queue_lock = threading.Lock()
         self.chat_template: str | None = load_chat_template(spec.model_dir)
@@ -744,7 +746,7 @@ class Engine:
         """
         if _is_batch(prompt):
             reqs = self._prepare_batch(cast(Sequence[Any], prompt), max_new_tokens, stop, sampling)
-            with self._lock:
+            with self._engine():
                 return self._run_batch(reqs)
         if not isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens is not None:
             raise InvalidRequestError(
@@ -754,11 +756,26 @@ class Engine:
         req = self._prepare(cast(Any, prompt), max_new_tokens, stop, sampling, stream=False)
         if self.auto_batch:
             return self._coalesced(req)
-        with self._lock:
+        with self._engine():
             for _ in self._steps(req, stream=False):
                 pass
         assert req.result is not None
         return req.result
+
+    @contextlib.contextmanager
+    def _engine(self) -> Iterator[None]:
+        """Hold the engine (its buffers) for one request, batch or open stream."""
+        if self._owner == threading.get_ident():
+            raise InvalidRequestError(
+                "this thread already holds the engine (an open stream() not finished or closed): finish or "
+                "close it before starting another request on the same Engine"
+            )
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _coalesced(self, req: _Request) -> GenerationResult:
         """auto_batch: queue ``req``; whoever holds the engine next runs the waiting requests as a batch.
@@ -771,7 +788,7 @@ class Engine:
             self._queue.append(req)
         try:
             while True:
-                with self._lock:
+                with self._engine():
                     if req.result is not None:
                         return req.result
                     if req.error is not None:
@@ -823,7 +840,7 @@ class Engine:
         return self._stream(req)
 
     def _stream(self, req: _Request) -> Iterator[StreamChunk]:
-        with self._lock:
+        with self._engine():
             yield from self._steps(req, stream=True)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:

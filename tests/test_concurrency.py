@@ -176,3 +176,20 @@ def test_auto_batch_needs_max_batch(tmp_path_factory):
         engine.Engine(model_dir, auto_batch=True)
     with pytest.raises(engine.InvalidRequestError, match="auto_batch must be"):
         engine.Engine(model_dir, max_batch=2, auto_batch="yes")
+
+
+@pytest.mark.parametrize("fixture", ["eng", "auto"])
+def test_a_request_inside_an_open_stream_of_the_same_thread_raises_instead_of_hanging(fixture, request):
+    e = request.getfixturevalue(fixture)
+    want = e.generate([1, 2, 3], max_new_tokens=10).token_ids
+    it = e.stream([1, 2, 3], max_new_tokens=10)
+    first = next(it)  # this thread now holds the engine
+    with pytest.raises(engine.InvalidRequestError, match="already holds the engine"):
+        e.generate([4, 5], max_new_tokens=3)
+    with pytest.raises(engine.InvalidRequestError, match="already holds the engine"):
+        e.generate([[4, 5], [6]], max_new_tokens=3)
+    with pytest.raises(engine.InvalidRequestError, match="already holds the engine"):
+        next(e.stream([4, 5], max_new_tokens=3))
+    assert [first.token_id] + [c.token_id for c in it] == want  # the open stream was not disturbed
+    assert not e._queue
+    assert e.generate([1, 2, 3], max_new_tokens=10).token_ids == want
