@@ -280,6 +280,7 @@ class Engine:
         self._out_ids = np.zeros((self.max_batch, self.max_length), dtype=np.int64)
         self._lock = threading.Lock()  # held by whoever runs the engine (a request, a batch, an open stream)
         self._owner: int | None = None  # thread ident of the holder (to refuse a re-entrant call, not hang)
+        self._closed = False
         self._queue: list[_Request] = []  # auto_batch: single requests waiting to run, oldest first
         self._queue_lock = threading.Lock()
         self.chat_template: str | None = load_chat_template(spec.model_dir)
@@ -331,8 +332,8 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes of KV cache the engine holds now (the preallocated buffers for GQA models)."""
-        return self._state.kv_nbytes
+        """Bytes of KV cache the engine holds now (the preallocated buffers for GQA models; 0 once closed)."""
+        return 0 if self._closed else self._state.kv_nbytes
 
     # ----------------------------------------------------------------------------------------
     # request preparation: everything that can fail happens here, before any state is touched
@@ -765,12 +766,16 @@ class Engine:
     @contextlib.contextmanager
     def _engine(self) -> Iterator[None]:
         """Hold the engine (its buffers) for one request, batch or open stream."""
+        if self._closed:
+            raise InvalidRequestError("this Engine is closed; create a new one")
         if self._owner == threading.get_ident():
             raise InvalidRequestError(
                 "this thread already holds the engine (an open stream() not finished or closed): finish or "
                 "close it before starting another request on the same Engine"
             )
         with self._lock:
+            if self._closed:  # closed while this caller waited
+                raise InvalidRequestError("this Engine is closed; create a new one")
             self._owner = threading.get_ident()
             try:
                 yield
@@ -867,6 +872,22 @@ class Engine:
     ) -> Iterator[StreamChunk]:
         """Streaming :meth:`chat`."""
         return self.stream(self.render_chat(messages), max_new_tokens, **kwargs)
+
+    def close(self) -> None:
+        """Free the session and every buffer (after the request running now, if any). Later calls
+        raise InvalidRequestError; closing again does nothing. ``with Engine(...) as eng:`` closes
+        at the end of the block."""
+        if self._closed:
+            return
+        with self._engine():
+            self._closed = True
+            del self._state, self._sampler, self.session, self._out_ids
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         s = self.spec

@@ -193,3 +193,32 @@ def test_a_request_inside_an_open_stream_of_the_same_thread_raises_instead_of_ha
     assert [first.token_id] + [c.token_id for c in it] == want  # the open stream was not disturbed
     assert not e._queue
     assert e.generate([1, 2, 3], max_new_tokens=10).token_ids == want
+
+
+def test_close_waits_for_the_running_request_then_refuses_new_ones(tmp_path_factory):
+    model_dir = cached_model(SyntheticSpec(layout="gqa", seed=41), tmp_path_factory.mktemp("conc-close"))
+    with engine.Engine(model_dir, max_length=96) as e:
+        want = e.generate([1, 2, 3], max_new_tokens=30).token_ids
+        it = e.stream([1, 2, 3], max_new_tokens=30)
+        first = next(it)  # a running request
+        closer = threading.Thread(target=e.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive()  # close() waits for the stream
+        assert [first.token_id] + [c.token_id for c in it] == want
+        closer.join(10)
+        assert not closer.is_alive()
+        assert e.kv_cache_bytes == 0
+        with pytest.raises(engine.InvalidRequestError, match="closed"):
+            e.generate([1, 2, 3], max_new_tokens=3)
+        with pytest.raises(engine.InvalidRequestError, match="closed"):
+            next(e.stream([1, 2, 3], max_new_tokens=3))
+        e.close()  # again: nothing happens
+    # the context manager closes at the end of the block
+    with engine.Engine(model_dir, max_length=96, max_batch=2, auto_batch=True) as e2:
+        assert e2.generate([1, 2, 3], max_new_tokens=30).token_ids == want
+    with pytest.raises(engine.InvalidRequestError, match="closed"):
+        e2.generate([[1, 2, 3], [4]], max_new_tokens=3)
+    with pytest.raises(engine.InvalidRequestError, match="closed"):
+        e2.generate([1, 2, 3], max_new_tokens=3)
+    assert not e2._queue
