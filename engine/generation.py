@@ -285,6 +285,7 @@ class Engine:
         self._queue_lock = threading.Lock()
         self.chat_template: str | None = load_chat_template(spec.model_dir)
         self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
+        self.last_results: list[GenerationResult] = []  # the rows of the latest batch (generate(list), stream_batch)
         if warmup:
             self._warmup()
 
@@ -487,9 +488,10 @@ class Engine:
         req.result = self._result(req, out[:n], finish, (t0, t_first, t_end), logprobs if want_logprobs else None, top)
         self.last_result = req.result
 
-    def _batch_steps(self, reqs: list[_Request]) -> None:
+    def _batch_steps(self, reqs: list[_Request], stream: bool = False) -> Iterator[tuple[int, StreamChunk]]:
         """Prefill ``reqs`` together, then decode them one forward per step until every row has
-        stopped; a stopped row is masked and no longer counted. Sets each ``req.result``."""
+        stopped; a stopped row is masked and no longer counted. Sets each ``req.result``; with
+        ``stream``, yields ``(row, chunk)`` for every token as it is decoded."""
         st, sampler, out, finished = self._state, self._sampler, self._out_ids, self._state.finished
         host_ids = st.host_ids
         eos = self.eos_token_ids
@@ -539,6 +541,9 @@ class Engine:
                     finished[b] = 1  # masked from the next step on
                     t_end[b] = time.perf_counter()
                     live -= 1
+                if stream:
+                    lp_b = logprobs[b][-1] if want[b] else None
+                    yield b, StreamChunk(req.pieces[-1], tok, finish[b] if last else None, lp_b)
             if not live:
                 break
             logits = st.decode_rows()
@@ -571,6 +576,7 @@ class Engine:
         max_new_tokens: int | Sequence[int] | None,
         stop: Sequence[str] | str | None,
         sampling: Mapping[str, Any],
+        stream: bool = False,
     ) -> list[_Request]:
         """Check every row of a batch before anything runs; per-row values are lists of one per prompt."""
         t_start = time.perf_counter()
@@ -600,7 +606,7 @@ class Engine:
             # one default for the whole batch: the room its longest prompt leaves
             room = self.max_length - max(i.size for i in ids)
             rows_new = [room if room >= 1 else None] * n
-        reqs = [self._in_row(b, self._prepare, ids[b], rows_new[b], stop, rows_sampling[b], False) for b in range(n)]
+        reqs = [self._in_row(b, self._prepare, ids[b], rows_new[b], stop, rows_sampling[b], stream) for b in range(n)]
         for req in reqs:  # every row's clock starts at the call, and the batch's tokenization counts in it
             req.t_start, req.tokenize_s = t_start, tokenize_s
         return reqs
@@ -613,16 +619,24 @@ class Engine:
         except InvalidRequestError as e:
             raise type(e)(f"prompt {b} of the batch: {e}") from e
 
-    def _run_batch(self, reqs: list[_Request]) -> list[GenerationResult]:
-        """Run ``reqs`` in groups of ``max_batch`` (the caller holds the lock)."""
+    def _run_batch_iter(self, reqs: list[_Request], stream: bool) -> Iterator[tuple[int, StreamChunk]]:
+        """Run ``reqs`` in groups of ``max_batch`` (the caller holds the engine); with ``stream``,
+        yield ``(index in reqs, chunk)`` per token."""
         for start in range(0, len(reqs), self.max_batch):
             group = reqs[start : start + self.max_batch]
             if self._batchable(group):
-                self._batch_steps(group)
+                for b, chunk in self._batch_steps(group, stream):
+                    yield start + b, chunk
             else:
-                for req in group:
-                    for _ in self._steps(req, stream=False):
-                        pass
+                for i, req in enumerate(group):
+                    for chunk in self._steps(req, stream):
+                        yield start + i, chunk
+        self.last_results = [r.result for r in reqs if r.result is not None]
+
+    def _run_batch(self, reqs: list[_Request]) -> list[GenerationResult]:
+        """Run ``reqs`` to the end (the caller holds the engine); their results in order."""
+        for _ in self._run_batch_iter(reqs, stream=False):
+            pass
         results = []
         for r in reqs:
             assert r.result is not None
@@ -843,6 +857,29 @@ class Engine:
             raise InvalidRequestError("stream() takes one prompt; pass a list of prompts to generate() for a batch")
         req = self._prepare(prompt, max_new_tokens, stop, sampling, stream=True)
         return self._stream(req)
+
+    def stream_batch(
+        self,
+        prompts: Sequence[str | Sequence[int] | np.ndarray] | np.ndarray,
+        max_new_tokens: int | Sequence[int] | None = None,
+        *,
+        stop: Sequence[str] | str | None = None,
+        **sampling: Any,
+    ) -> Iterator[tuple[int, StreamChunk]]:
+        """A batch as :meth:`generate` runs it, yielding ``(row, chunk)`` for every token as it is
+        decoded: the rows of a step in turn, then the next step. Each row's last chunk has its
+        ``finish_reason``; its chunks' texts joined equal its ``text`` in ``generate()``. Rows that
+        must run one by one (see :meth:`generate`) stream one after the other. Arguments are checked
+        at the call; leaving the loop early (or ``close()``) ends the batch and frees the engine.
+        ``eng.last_results`` holds the rows' results after the last chunk."""
+        if not _is_batch(prompts):
+            raise InvalidRequestError("stream_batch() takes a list of prompts (strs or lists of ids) or a 2-D id array")
+        reqs = self._prepare_batch(cast(Sequence[Any], prompts), max_new_tokens, stop, sampling, stream=True)
+        return self._stream_batch(reqs)
+
+    def _stream_batch(self, reqs: list[_Request]) -> Iterator[tuple[int, StreamChunk]]:
+        with self._engine():
+            yield from self._run_batch_iter(reqs, stream=True)
 
     def _stream(self, req: _Request) -> Iterator[StreamChunk]:
         with self._engine():

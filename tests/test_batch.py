@@ -380,3 +380,51 @@ def test_growing_cache_without_position_ids_runs_row_by_row(tiny_gpt2, tmp_path)
     assert [alone.generate(p, max_new_tokens=10).token_ids for p in prompts] == want  # the edit is faithful
     assert not batch._batchable([batch._prepare(p, 10, None, {}, False) for p in prompts])
     assert [r.token_ids for r in batch.generate(prompts, max_new_tokens=10)] == want
+
+
+# ------------------------------------------------------------------------------------------------
+# stream_batch
+
+
+def test_stream_batch_equals_generate_per_row(stories260k):
+    refs = load_reference(stories260k)
+    eng = engine.Engine(stories260k, max_length=MAX_LENGTH, max_batch=4)
+    prompts = [r["prompt"] for r in refs]
+    kw = {"max_new_tokens": [60, 5, 40, 60], "stop": ["she"], "do_sample": [False, False, True, True], "seed": 3}
+    want = eng.generate(prompts, **kw)
+    rows: dict[int, list] = {i: [] for i in range(len(prompts))}
+    order = []
+    for i, chunk in eng.stream_batch(prompts, **kw):
+        rows[i].append(chunk)
+        order.append(i)
+    for i, res in enumerate(want):
+        chunks = rows[i]
+        assert [c.token_id for c in chunks] == res.token_ids
+        assert "".join(c.text for c in chunks) == res.text
+        assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        assert chunks[-1].finish_reason == res.finish_reason
+    # one forward pass per step: the rows still running appear once per step, in row order
+    assert order[:4] == [0, 1, 2, 3]
+    assert [r.token_ids for r in eng.last_results] == [r.token_ids for r in want]
+
+
+def test_stream_batch_fallback_rows_stream_one_after_another(pair):
+    batch, alone, spec = pair
+    prompts = _prompts(spec, [80, 4], seed=7)
+    new = [4, 80]  # the padded batch does not fit: rows run one by one
+    order = [i for i, _ in batch.stream_batch(prompts, max_new_tokens=new)]
+    first_eos = [len(alone.generate(p, max_new_tokens=n).token_ids) for p, n in zip(prompts, new, strict=True)]
+    assert order == [0] * first_eos[0] + [1] * first_eos[1]
+
+
+def test_leaving_a_stream_batch_early_frees_the_engine(pair):
+    batch, alone, spec = pair
+    prompts = _prompts(spec, [5, 8, 3], seed=13)
+    it = batch.stream_batch(prompts, max_new_tokens=20)
+    for _ in range(4):
+        next(it)
+    it.close()
+    p = prompts[1]
+    assert batch.generate(p, max_new_tokens=10).token_ids == alone.generate(p, max_new_tokens=10).token_ids
+    with pytest.raises(engine.InvalidRequestError, match="takes a list of prompts"):
+        batch.stream_batch([1, 2, 3])

@@ -97,9 +97,9 @@ def test_auto_batch_coalesces_waiting_requests_and_each_gets_its_own_output(eng,
     sizes: list[int] = []
     original = auto._batch_steps
 
-    def recording(group):
+    def recording(group, stream=False):
         sizes.append(len(group))
-        return original(group)
+        return original(group, stream)
 
     monkeypatch.setattr(auto, "_batch_steps", recording)
     it = auto.stream([1, 2, 3], max_new_tokens=40)
