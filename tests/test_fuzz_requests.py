@@ -62,13 +62,16 @@ def canonical(eng):
         st.none(), st.integers(-3, 80), st.floats(), st.text(max_size=2), st.lists(st.integers(-1, 70), max_size=4)
     ),
     kwargs=st.dictionaries(st.sampled_from(KEYS), ANY_VALUE, max_size=4),
-    stream=st.booleans(),
+    mode=st.sampled_from(["generate", "stream", "stream_batch"]),
 )
-def test_any_request_succeeds_or_raises_engine_error(eng, canonical, prompt, max_new, kwargs, stream):
+def test_any_request_succeeds_or_raises_engine_error(eng, canonical, prompt, max_new, kwargs, mode):
     try:
-        if stream:
+        if mode == "stream":
             for chunk in eng.stream(prompt, max_new, **kwargs):
                 assert isinstance(chunk.token_id, int)
+        elif mode == "stream_batch":
+            for row, chunk in eng.stream_batch(prompt, max_new, **kwargs):
+                assert 0 <= row < len(prompt) and isinstance(chunk.token_id, int)
         else:
             res = eng.generate(prompt, max_new, **kwargs)
             for r in res if isinstance(res, list) else [res]:
