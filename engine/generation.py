@@ -105,6 +105,7 @@ class _Request:
     pieces: list[str] = field(default_factory=list)
     result: GenerationResult | None = None
     error: BaseException | None = None  # set when a batch this request was coalesced into failed
+    abandoned: bool = False  # its caller left (interrupted): do not run it
 
     def restart(self) -> None:
         """Forget a partial run (its text state), so that the request can run again from the start."""
@@ -281,8 +282,10 @@ class Engine:
         self._lock = threading.Lock()  # held by whoever runs the engine (a request, a batch, an open stream)
         self._owner: int | None = None  # thread ident of the holder (to refuse a re-entrant call, not hang)
         self._closed = False
+        self._freed = False
         self._queue: list[_Request] = []  # auto_batch: single requests waiting to run, oldest first
-        self._queue_lock = threading.Lock()
+        self._queue_cv = threading.Condition()  # guards _queue, _leader and the requests' result/error
+        self._leader = False  # auto_batch: a caller is running (or waiting to run) waiting requests
         self.chat_template: str | None = load_chat_template(spec.model_dir)
         self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
         self.last_results: list[GenerationResult] = []  # the rows of the latest batch (generate(list), stream_batch)
@@ -297,6 +300,7 @@ class Engine:
         room = min(2, self.max_length - 1)
         self.generate([0] * room, max_new_tokens=1)
         self.last_result = None
+        self.last_results = []
 
     # ----------------------------------------------------------------------------------------
     # setup checks
@@ -334,7 +338,7 @@ class Engine:
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes of KV cache the engine holds now (the preallocated buffers for GQA models; 0 once closed)."""
-        return 0 if self._closed else self._state.kv_nbytes
+        return 0 if self._freed else self._state.kv_nbytes
 
     # ----------------------------------------------------------------------------------------
     # request preparation: everything that can fail happens here, before any state is touched
@@ -543,7 +547,8 @@ class Engine:
                     live -= 1
                 if stream:
                     lp_b = logprobs[b][-1] if want[b] else None
-                    yield b, StreamChunk(req.pieces[-1], tok, finish[b] if last else None, lp_b)
+                    text = req.pieces[-1] if req.detok is not None else ""  # no tokenizer: ids only
+                    yield b, StreamChunk(text, tok, finish[b] if last else None, lp_b)
             if not live:
                 break
             logits = st.decode_rows()
@@ -622,6 +627,7 @@ class Engine:
     def _run_batch_iter(self, reqs: list[_Request], stream: bool) -> Iterator[tuple[int, StreamChunk]]:
         """Run ``reqs`` in groups of ``max_batch`` (the caller holds the engine); with ``stream``,
         yield ``(index in reqs, chunk)`` per token."""
+        self.last_results = []
         for start in range(0, len(reqs), self.max_batch):
             group = reqs[start : start + self.max_batch]
             if self._batchable(group):
@@ -795,47 +801,79 @@ class Engine:
                 yield
             finally:
                 self._owner = None
+                if self._closed:  # close() was called from the thread that held an open stream
+                    self._free()
 
     def _coalesced(self, req: _Request) -> GenerationResult:
-        """auto_batch: queue ``req``; whoever holds the engine next runs the waiting requests as a batch.
+        """auto_batch: queue ``req``; one caller at a time (the leader) takes the engine and runs the
+        oldest waiting request with the later ones that can share its batch; the others wait on a
+        condition and return as soon as their request has run.
 
-        Each caller loops: take the engine; if another caller has already run this request, return
-        its result; else run the oldest ``max_batch`` waiting requests (this one among them, or
-        older ones first). An interrupt puts the others of the interrupted batch back in the queue;
-        another failure is raised in every caller of that batch."""
-        with self._queue_lock:
+        An interrupt of the leader puts the others of its group back in the queue (restarted); any
+        other failure of a group is raised in each of its callers as an EngineError, and in the
+        leader only when its own request was in that group."""
+        with self._queue_cv:
             self._queue.append(req)
         try:
             while True:
-                with self._engine():
+                with self._queue_cv:
+                    while req.result is None and req.error is None and self._leader:
+                        self._queue_cv.wait()
                     if req.result is not None:
                         return req.result
                     if req.error is not None:
                         raise req.error
-                    with self._queue_lock:
-                        group = self._queue[: self.max_batch]
-                        del self._queue[: len(group)]
-                    self._run_group(group, req)
+                    self._leader = True
+                try:
+                    with self._engine():
+                        group = self._next_group()
+                        if not group:  # cannot happen while req waits unrun; never loop on it
+                            raise EngineError("internal error: a queued request was lost")
+                        self._run_group(group, req)
+                finally:
+                    with self._queue_cv:
+                        self._leader = False
+                        self._queue_cv.notify_all()
         finally:
-            with self._queue_lock:
-                if req in self._queue:  # the caller was interrupted while waiting
+            with self._queue_cv:
+                if req.result is None:
+                    req.abandoned = True  # nobody waits for it any more: never run (again)
+                if req in self._queue:
                     self._queue.remove(req)
 
+    def _next_group(self) -> list[_Request]:
+        """Take the oldest waiting request and the later ones that can share its batch (up to
+        ``max_batch``) out of the queue."""
+        with self._queue_cv:
+            group: list[_Request] = []
+            for r in list(self._queue):
+                if len(group) == self.max_batch:
+                    break
+                if r.abandoned:
+                    self._queue.remove(r)
+                elif not group or self._batchable([*group, r]):
+                    group.append(r)
+                    self._queue.remove(r)
+            return group
+
     def _run_group(self, group: list[_Request], mine: _Request) -> None:
-        """Run a coalesced group (the caller holds the lock); see :meth:`_coalesced`."""
+        """Run a coalesced group (the caller holds the engine); see :meth:`_coalesced`."""
         try:
             self._run_batch(group)
         except Exception as e:
-            for r in group:
-                if r is not mine and r.result is None:
-                    r.error = EngineError(f"the batch this request was coalesced into failed: {type(e).__name__}: {e}")
-                    r.error.__cause__ = e
-            raise
+            with self._queue_cv:
+                for r in group:
+                    if r is not mine and r.result is None:
+                        err = EngineError(f"the batch this request was coalesced into failed: {type(e).__name__}: {e}")
+                        err.__cause__ = e
+                        r.error = err
+            if mine in group:
+                raise
         except BaseException:  # KeyboardInterrupt, SystemExit in this caller: the others run later
-            back = [r for r in group if r is not mine and r.result is None]
-            for r in back:
-                r.restart()
-            with self._queue_lock:
+            with self._queue_cv:
+                back = [r for r in group if r is not mine and r.result is None and not r.abandoned]
+                for r in back:
+                    r.restart()
                 self._queue[:0] = back
             raise
 
@@ -911,14 +949,26 @@ class Engine:
         return self.stream(self.render_chat(messages), max_new_tokens, **kwargs)
 
     def close(self) -> None:
-        """Free the session and every buffer (after the request running now, if any). Later calls
-        raise InvalidRequestError; closing again does nothing. ``with Engine(...) as eng:`` closes
-        at the end of the block."""
-        if self._closed:
+        """Free the session and every buffer, after the request running now (if any). Later calls
+        raise InvalidRequestError; closing again does nothing. Called from the thread that holds an
+        open stream, it refuses new requests at once and frees everything when that stream ends.
+        ``with Engine(...) as eng:`` closes at the end of the block."""
+        if self._owner == threading.get_ident():  # an open stream of this thread holds the engine
+            self._closed = True  # _engine() frees the buffers when the stream releases it
             return
-        with self._engine():
+        with self._lock:
+            if self._closed and self._freed:
+                return
             self._closed = True
+            self._free()
+
+    def _free(self) -> None:
+        """Drop the session and buffers (the caller holds the engine lock)."""
+        if not self._freed:
+            self._freed = True
             del self._state, self._sampler, self.session, self._out_ids
+        with self._queue_cv:
+            self._queue_cv.notify_all()  # auto_batch callers waiting: they now get "closed"
 
     def __enter__(self) -> Engine:
         return self

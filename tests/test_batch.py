@@ -428,3 +428,17 @@ def test_leaving_a_stream_batch_early_frees_the_engine(pair):
     assert batch.generate(p, max_new_tokens=10).token_ids == alone.generate(p, max_new_tokens=10).token_ids
     with pytest.raises(engine.InvalidRequestError, match="takes a list of prompts"):
         batch.stream_batch([1, 2, 3])
+
+
+def test_stream_batch_on_a_model_without_tokenizer(tmp_path, tmp_path_factory):
+    """Ids only: every chunk's text is empty (found by review: an IndexError before)."""
+    src = cached_model(LAYOUTS["gqa-fp32"], tmp_path_factory.getbasetemp() / "batch-models")
+    d = tmp_path / "no-tokenizer"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("tokenizer*"))
+    eng = engine.Engine(d, max_length=MAX_LENGTH, max_batch=2)
+    assert eng.tokenizer is None
+    prompts = [[5, 6, 7], [8, 9]]
+    chunks = list(eng.stream_batch(prompts, max_new_tokens=4))
+    want = eng.generate(prompts, max_new_tokens=4)
+    assert [[c.token_id for i, c in chunks if i == row] for row in (0, 1)] == [r.token_ids for r in want]
+    assert all(c.text == "" for _, c in chunks)

@@ -222,3 +222,140 @@ def test_close_waits_for_the_running_request_then_refuses_new_ones(tmp_path_fact
     with pytest.raises(engine.InvalidRequestError, match="closed"):
         e2.generate([1, 2, 3], max_new_tokens=3)
     assert not e2._queue
+
+
+# ------------------------------------------------------------------------------------------------
+# auto_batch and close(): cases found by review
+
+
+def test_auto_batch_followers_never_take_the_engine(auto, monkeypatch):
+    """Only the caller that runs a group holds the engine; the others wait on a condition and read
+    their result without it (so a finished request never waits behind other work or a stream)."""
+    entries = []
+    original = auto._engine
+
+    def counting():
+        entries.append(threading.get_ident())
+        return original()
+
+    groups = []
+    run_group = auto._run_group
+
+    def recording(group, mine):
+        groups.append(len(group))
+        return run_group(group, mine)
+
+    monkeypatch.setattr(auto, "_engine", counting)
+    monkeypatch.setattr(auto, "_run_group", recording)
+    reqs = _single_requests()[:40]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda r: _run(auto, r), reqs))
+    assert sum(groups) == len(reqs)
+    assert len(entries) == len(groups)  # one engine entry per group run, none for waiting callers
+
+
+def test_next_group_takes_the_oldest_and_the_later_requests_that_fit_with_it(auto):
+    def req(n, new):
+        return auto._prepare(list(range(3, 3 + n)), new, None, {}, False)
+
+    a, b, c, d = req(5, 20), req(80, 10), req(7, 12), req(4, 92)  # max_length 96: b, d fit with nobody
+    auto._queue[:] = [a, b, c, d]
+    try:
+        assert auto._next_group() == [a, c]
+        assert auto._queue == [b, d]
+        assert auto._next_group() == [b]
+        assert auto._next_group() == [d]
+        assert auto._next_group() == []
+    finally:
+        auto._queue.clear()
+
+
+def test_a_failed_group_without_the_leaders_request_does_not_fail_the_leader(auto, monkeypatch):
+    mine = auto._prepare([1, 2, 3], 5, None, {}, False)
+    others = [auto._prepare([4, 5], 5, None, {}, False), auto._prepare([6, 7], 5, None, {}, False)]
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(auto._state, "decode_rows", broken)
+    with auto._engine():
+        auto._run_group(others, mine)  # does not raise: the leader's own request was not in it
+    assert all(isinstance(r.error, engine.EngineError) and "device lost" in str(r.error) for r in others)
+    assert mine.error is None and mine.result is None
+    monkeypatch.undo()
+    with auto._engine(), pytest.raises(RuntimeError):
+        monkeypatch.setattr(auto._state, "decode_rows", broken)
+        auto._run_group([mine, *others], mine)  # its own request failed: raised as is
+    monkeypatch.undo()
+
+
+def test_close_keeps_the_results_of_requests_that_ran(tmp_path_factory, monkeypatch):
+    model_dir = cached_model(SyntheticSpec(layout="gqa", seed=41), tmp_path_factory.mktemp("conc-close2"))
+    e = engine.Engine(model_dir, max_length=96, max_batch=2, auto_batch=True)
+    ran: list[int] = []
+    run_group = e._run_group
+
+    def recording(group, mine):
+        run_group(group, mine)
+        ran.extend(r.prompt_ids[1] for r in group if r.result is not None)
+
+    monkeypatch.setattr(e, "_run_group", recording)
+    it = e.stream([1, 2, 3], max_new_tokens=20)
+    next(it)
+    outcome: dict[int, object] = {}
+
+    def call(k):
+        try:
+            outcome[k] = e.generate([1, k, 9], max_new_tokens=6).token_ids
+        except engine.InvalidRequestError as err:
+            outcome[k] = err
+
+    callers = [threading.Thread(target=call, args=(k,)) for k in (10, 11, 12, 13)]
+    for t in callers:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(e._queue) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    closer = threading.Thread(target=e.close)
+    closer.start()
+    it.close()
+    for t in [*callers, closer]:
+        t.join(30)
+        assert not t.is_alive()
+    for k, got in outcome.items():
+        if k in ran:
+            assert isinstance(got, list) and len(got) == 6  # a request that ran returns its result
+        else:
+            assert isinstance(got, engine.InvalidRequestError) and "closed" in str(got)
+
+
+def test_two_concurrent_closes_and_close_from_the_stream_thread(tmp_path_factory):
+    model_dir = cached_model(SyntheticSpec(layout="gqa", seed=41), tmp_path_factory.mktemp("conc-close3"))
+    e = engine.Engine(model_dir, max_length=96)
+    it = e.stream([1, 2, 3], max_new_tokens=20)
+    next(it)
+    errors: list[BaseException] = []
+
+    def close():
+        try:
+            e.close()
+        except BaseException as err:  # any error is a failure of this test
+            errors.append(err)
+
+    closers = [threading.Thread(target=close) for _ in range(2)]
+    for t in closers:
+        t.start()
+    it.close()
+    for t in closers:
+        t.join(10)
+    assert not errors and e.kv_cache_bytes == 0
+    # close() from the thread that holds an open stream: refused at once, freed when the stream ends
+    e2 = engine.Engine(model_dir, max_length=96)
+    with e2:
+        it2 = e2.stream([1, 2, 3], max_new_tokens=20)
+        next(it2)
+    with pytest.raises(engine.InvalidRequestError, match="closed"):
+        e2.generate([1, 2], max_new_tokens=2)
+    assert e2.kv_cache_bytes > 0  # the stream still runs on the buffers
+    assert len(list(it2)) == 19
+    assert e2.kv_cache_bytes == 0
