@@ -129,6 +129,11 @@ def estimate_kv_cache_bytes(
     return kv_cache_bytes_needed(spec, length, max_batch)
 
 
+def _top_logprobs(sampler: Any, row: int, k: int) -> dict[int, float]:
+    """The ``k`` best alternatives the sampler recorded for ``row``: {token id: log-probability}."""
+    return {int(i): float(v) for i, v in zip(sampler.top_ids[row, :k], sampler.top_logprobs[row, :k], strict=True)}
+
+
 def _is_batch(prompt: object) -> bool:
     """A list/tuple holding prompts (strs, sequences of ids or arrays), or a 2-D array of ids.
 
@@ -470,9 +475,7 @@ class Engine:
             if want_logprobs:
                 logprobs.append(float(sampler.logprobs[0]))
                 k = req.params.logprobs or 0
-                top.append(
-                    {int(i): float(v) for i, v in zip(sampler.top_ids[0, :k], sampler.top_logprobs[0, :k], strict=True)}
-                )
+                top.append(_top_logprobs(sampler, 0, k))
             if req.detok is not None:
                 piece, stopped = self._text_of(req, tok, last)
                 if stopped:
@@ -530,12 +533,7 @@ class Engine:
                 if want[b]:
                     logprobs[b].append(float(sampler.logprobs[b]))
                     k = req.params.logprobs or 0
-                    top[b].append(
-                        {
-                            int(i): float(v)
-                            for i, v in zip(sampler.top_ids[b, :k], sampler.top_logprobs[b, :k], strict=True)
-                        }
-                    )
+                    top[b].append(_top_logprobs(sampler, b, k))
                 if req.detok is not None:
                     piece, stopped = self._text_of(req, tok, last)
                     if stopped:
