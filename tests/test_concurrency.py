@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 import engine
@@ -359,3 +360,40 @@ def test_two_concurrent_closes_and_close_from_the_stream_thread(tmp_path_factory
     assert e2.kv_cache_bytes > 0  # the stream still runs on the buffers
     assert len(list(it2)) == 19
     assert e2.kv_cache_bytes == 0
+
+
+def test_mixed_calls_from_many_threads_on_an_auto_batch_engine(eng, auto):
+    """Single generate (coalesced), lists, stream, stream_batch and streams left early, from 6
+    threads at once: every completed call equals the same call on an engine used sequentially."""
+    rng = np.random.default_rng(5)
+    calls = []
+    for i in range(60):
+        prompt = [1, *rng.integers(3, 250, int(rng.integers(1, 9))).tolist()]
+        kind = ["generate", "list", "stream", "stream_batch", "stream_left"][i % 5]
+        calls.append((kind, prompt, int(rng.integers(2, 14)), i))
+
+    def run(e, call):
+        kind, prompt, n, i = call
+        kw = {"do_sample": True, "seed": i, "top_k": 20} if i % 2 else {}
+        rows = [prompt, prompt[:2], [7, 8, 9]]
+        if kind == "generate":
+            return e.generate(prompt, max_new_tokens=n, **kw).token_ids
+        if kind == "list":
+            return [r.token_ids for r in e.generate(rows, max_new_tokens=n, **kw)]
+        if kind == "stream":
+            return [c.token_id for c in e.stream(prompt, max_new_tokens=n, **kw)]
+        if kind == "stream_batch":
+            got: list[list[int]] = [[], [], []]
+            for row, c in e.stream_batch(rows, max_new_tokens=n, **kw):
+                got[row].append(c.token_id)
+            return got
+        it = e.stream(prompt, max_new_tokens=n, **kw)
+        first = next(it).token_id
+        it.close()
+        return [first]
+
+    want = [run(eng, c) for c in calls]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(lambda c: run(auto, c), calls))
+    assert got == want
+    assert not auto._queue and not auto._leader
