@@ -551,31 +551,51 @@ class Sampler:
             if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)):
                 raise InvalidRequestError(f"prompt_ids[{i}] must be a sequence of token ids in [0, {self.vocab_size})")
             prompts.append(a.astype(np.int64, copy=False))
-        configs = [_RowConfig.from_params(p, self.vocab_size) for p in per_row]
-        configs += [_RowConfig()] * (self.batch_size - n)
-        for r, (p, cfg) in enumerate(zip(per_row, configs, strict=False)):
-            self._rng[r] = seed_state(p.seed, r if shared else 0)
-            if cfg.penalties:
-                self._counts[r] = 0
-                np.add.at(self._counts[r], prompts[r], 1)
-        self._rows = configs
+        self._rows = list(self._rows)
+        for r in range(self.batch_size):
+            if r < n:
+                self._configure(r, per_row[r], prompts[r], r if shared else 0)
+            else:
+                self._set_config(r, _RowConfig())
+
+    def reset_row(self, row: int, params: SamplingParams, prompt_ids: Sequence[int] | np.ndarray) -> None:
+        """Start a new request on one row, the others untouched (a row joining a running batch):
+        validates, seeds the stream ``(seed, 0)`` as a request alone does, counts the prompt."""
+        if not _is_int(row) or not 0 <= row < self.batch_size:
+            raise ValueError(f"row must be in [0, {self.batch_size}), got {row!r}")
+        params.validate(self.vocab_size)
+        a = np.asarray(prompt_ids)
+        if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)):
+            raise InvalidRequestError(f"prompt_ids must be a sequence of token ids in [0, {self.vocab_size})")
+        self._rows = list(self._rows)
+        self._configure(int(row), params, a.astype(np.int64, copy=False), 0)
+
+    def _configure(self, r: int, p: SamplingParams, prompt: np.ndarray, stream: int) -> None:
+        cfg = _RowConfig.from_params(p, self.vocab_size)
+        self._rng[r] = seed_state(p.seed, stream)
+        if cfg.penalties:
+            self._counts[r] = 0
+            np.add.at(self._counts[r], prompt, 1)
+        self._set_config(r, cfg)
+
+    def _set_config(self, r: int, cfg: _RowConfig) -> None:
+        self._rows[r] = cfg
         if self._kernel is not None:
-            for r, cfg in enumerate(configs):
-                self._kernel.set_row(
-                    r,
-                    greedy=cfg.greedy,
-                    penalties=cfg.penalties,
-                    temperature=cfg.temperature,
-                    repetition_penalty=cfg.repetition_penalty,
-                    presence_penalty=cfg.presence_penalty,
-                    frequency_penalty=cfg.frequency_penalty,
-                    top_k=cfg.top_k,
-                    top_p=cfg.top_p,
-                    min_p_threshold=cfg.min_p_threshold,
-                    logprobs=cfg.logprobs,
-                    bias_ids=cfg.bias_ids,
-                    bias_values=cfg.bias_values,
-                )
+            self._kernel.set_row(
+                r,
+                greedy=cfg.greedy,
+                penalties=cfg.penalties,
+                temperature=cfg.temperature,
+                repetition_penalty=cfg.repetition_penalty,
+                presence_penalty=cfg.presence_penalty,
+                frequency_penalty=cfg.frequency_penalty,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                min_p_threshold=cfg.min_p_threshold,
+                logprobs=cfg.logprobs,
+                bias_ids=cfg.bias_ids,
+                bias_values=cfg.bias_values,
+            )
 
     def sample(self, logits: np.ndarray, out: np.ndarray, rows: int | None = None) -> None:
         """Write the next token of each row into ``out`` and count it for the penalties.

@@ -757,3 +757,26 @@ def test_compiled_module_argmax_allocates_nothing():
     out = np.empty(2, np.int64)
     growth, numpy_new = _traced(lambda: argmax(logits, out), 1000)
     assert growth < 1024 and numpy_new == 0
+
+
+def test_reset_row_starts_one_row_and_leaves_the_others(impl):
+    """A row joining a running batch draws what a request alone draws; the other rows go on."""
+    rng = np.random.default_rng(3)
+    logits = random_logits(rng, 3, 200)
+    base = [SamplingParams(do_sample=True, seed=s, temperature=1.2, repetition_penalty=1.2) for s in (1, 2, 3)]
+    joined = SamplingParams(do_sample=True, seed=9, top_p=0.8, presence_penalty=0.5)
+    prompts = [[4, 5], [6], [7, 8, 9]]
+    # reference: the batch without the change, and the joining request alone
+    plain = run_steps(sampler(impl, base, prompts, 200), logits, 12)
+    alone = run_steps(sampler(impl, [joined], [[10, 11]], 200), logits[1:2], 6)
+    s = sampler(impl, base, prompts, 200)
+    first = run_steps(s, logits, 6)
+    s.reset_row(1, joined, [10, 11])
+    second = run_steps(s, logits, 6)
+    assert np.array_equal(first, plain[:6])
+    assert np.array_equal(second[:, [0, 2]], plain[6:, [0, 2]])
+    assert np.array_equal(second[:, 1], alone[:, 0])
+    with pytest.raises(ValueError, match="row must be"):
+        s.reset_row(3, joined, [1])
+    with pytest.raises(InvalidRequestError):
+        s.reset_row(0, SamplingParams(top_p=2.0), [1])
