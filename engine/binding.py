@@ -406,3 +406,47 @@ class StepState:
         if self._grows:
             self.kv.advance(self.bind)
         return self.logits_2d
+
+    def join_row(self, row: int, prompt: np.ndarray, max_steps: int) -> None:
+        """Start a new prompt (1-D int64) on ``row`` of the running batch, between two decode steps:
+        a stopped row, or row ``rows`` to grow the batch by one. Share-buffer GQA caches only.
+
+        The prompt is prefilled alone on its own KV row and its last position's logits land in
+        ``logits[row]`` (call it after :meth:`decode_rows`, before sampling: the row's junk logits
+        of that step are replaced). Its mask row becomes the prompt left-padded to the current
+        width, so ``len(prompt) <= length`` is required, and the batch may then run ``max_steps``
+        more steps for it (``length + max_steps <= max_length``). Raises ValueError otherwise.
+        """
+        if not self._static or self.packed_mask is None:
+            raise ValueError("join_row needs a share-buffer GQA cache and a StepState with batch > 1")
+        n, width, p = self.rows, self.length, int(prompt.size)
+        if not 0 <= row <= n or row >= self.batch:
+            raise ValueError(f"row {row} is neither a row of the running batch (0..{n - 1}) nor the next one")
+        if row < n and not self.finished[row]:
+            raise ValueError(f"row {row} is still running")
+        if not 1 <= p <= width or width + max_steps > self.max_length:
+            raise ValueError(
+                f"a prompt of {p} tokens with {max_steps} more steps does not fit the batch "
+                f"(width {width}, max_length {self.max_length})"
+            )
+        rows = max(n, row + 1)
+        views, handles = self._packed_views(rows, width + max_steps)
+        bind, spec = self.bind, self.spec
+        self._bound_rows = 0  # rebound below
+        self.kv.bind_rows(bind, row, row + 1)
+        bind.bind_output(spec.logits.name, self._logits_range(row, row + 1))
+        self._run_prompt(prompt[None, :].astype(spec.input_ids.dtype), self._mask_handles[p], self._positions(p), row)
+        mask = views[width]  # (rows, width): the rows before keep their columns
+        mask[row, : width - p] = 0
+        mask[row, width - p :] = 1
+        self.lengths[row] = p
+        self.finished[row] = 0
+        self.rows = rows
+        self._batch_views = (
+            self.position_ids[:rows] if self.position_ids is not None else None,
+            self.lengths[:rows],
+            self.finished[:rows],
+        )
+        self._packed_handles = handles
+        self._bind_rows(rows)
+        self._bind_decode_inputs(rows)

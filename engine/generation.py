@@ -495,33 +495,40 @@ class Engine:
         req.result = self._result(req, out[:n], finish, (t0, t_first, t_end), logprobs if want_logprobs else None, top)
         self.last_result = req.result
 
-    def _batch_steps(self, reqs: list[_Request], stream: bool = False) -> Iterator[tuple[int, StreamChunk]]:
+    def _batch_steps(
+        self, reqs: list[_Request], stream: bool = False, leader: _Request | None = None
+    ) -> Iterator[tuple[int, StreamChunk]]:
         """Prefill ``reqs`` together, then decode them one forward per step until every row has
-        stopped; a stopped row is masked and no longer counted. Sets each ``req.result``; with
-        ``stream``, yields ``(row, chunk)`` for every token as it is decoded."""
+        stopped; a stopped row is masked and no longer counted, and its result is set at once.
+        With ``stream``, yields ``(row, chunk)`` for every token as it is decoded.
+
+        ``leader`` (auto_batch, share-buffer GQA caches): the request of the caller running the
+        batch. Until it has its result, waiting requests join the running batch between steps, on
+        stopped rows or new ones (appended to ``reqs``), and each finished row wakes its caller."""
         st, sampler, out, finished = self._state, self._sampler, self._out_ids, self._state.finished
         host_ids = st.host_ids
         eos = self.eos_token_ids
         n = len(reqs)
         sampler.reset([r.params for r in reqs], [r.prompt_ids for r in reqs])
-        want = [r.params.logprobs is not None for r in reqs]
-        logprobs: list[list[float]] = [[] for _ in reqs]
-        top: list[list[dict[int, float]]] = [[] for _ in reqs]
+        rows = list(reqs)  # row -> the request on it (a stopped row's may be replaced by a joining one)
+        want = [r.params.logprobs is not None for r in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        top: list[list[dict[int, float]]] = [[] for _ in rows]
         counts = [0] * n
         finish = ["length"] * n
-        t_end = [0.0] * n
         max_steps = max(r.max_new_tokens for r in reqs) - 1
 
         t0 = time.perf_counter()
         logits = st.prefill_rows([r.prompt_ids for r in reqs], max_steps)
         sampler.sample(logits, st.next_ids, n)
         t_first = time.perf_counter()
+        times = [(t0, t_first)] * n  # per row: its prefill start, its first token
         live = n
         while True:
             for b in range(n):
                 if finished[b]:
                     continue
-                req = reqs[b]
+                req = rows[b]
                 tok = int(host_ids[b])
                 out[b, counts[b]] = tok
                 counts[b] += 1
@@ -532,8 +539,7 @@ class Engine:
                     last = True
                 if want[b]:
                     logprobs[b].append(float(sampler.logprobs[b]))
-                    k = req.params.logprobs or 0
-                    top[b].append(_top_logprobs(sampler, b, k))
+                    top[b].append(_top_logprobs(sampler, b, req.params.logprobs or 0))
                 if req.detok is not None:
                     piece, stopped = self._text_of(req, tok, last)
                     if stopped:
@@ -541,20 +547,69 @@ class Engine:
                     req.pieces.append(piece)
                 if last:
                     finished[b] = 1  # masked from the next step on
-                    t_end[b] = time.perf_counter()
+                    lp = logprobs[b] if want[b] else None
+                    ids = out[b, : counts[b]]
+                    req.result = self._result(req, ids, finish[b], (*times[b], time.perf_counter()), lp, top[b])
                     live -= 1
+                    if leader is not None:
+                        with self._queue_cv:
+                            self._queue_cv.notify_all()  # its caller returns now
                 if stream:
                     lp_b = logprobs[b][-1] if want[b] else None
                     text = req.pieces[-1] if req.detok is not None else ""  # no tokenizer: ids only
                     yield b, StreamChunk(text, tok, finish[b] if last else None, lp_b)
-            if not live:
+            joining = self._joining(leader, finished, n) if leader is not None else []
+            if not live and not joining:
                 break
             logits = st.decode_rows()
+            t_join = time.perf_counter()
+            for b, req in joining:
+                st.join_row(b, req.prompt_ids, req.max_new_tokens - 1)
+                sampler.reset_row(b, req.params, req.prompt_ids)
+                reqs.append(req)
+                if b == n:
+                    n += 1
+                    rows.append(req)
+                    for lst, empty in ((want, False), (counts, 0), (finish, "")):
+                        lst.append(empty)
+                    logprobs.append([])
+                    top.append([])
+                    times.append((t_join, t_join))
+                rows[b], want[b], counts[b], finish[b] = req, req.params.logprobs is not None, 0, "length"
+                logprobs[b], top[b] = [], []
+                live += 1
             sampler.sample(logits, st.next_ids, n)
-        for b, req in enumerate(reqs):
-            lp = logprobs[b] if want[b] else None
-            req.result = self._result(req, out[b, : counts[b]], finish[b], (t0, t_first, t_end[b]), lp, top[b])
+            for b, _ in joining:
+                times[b] = (t_join, time.perf_counter())
         self.last_result = reqs[-1].result
+
+    def _joining(self, leader: _Request, finished: np.ndarray, n: int) -> list[tuple[int, _Request]]:
+        """Waiting requests that can join the running batch now, each with its row (a stopped row
+        or a new one), taken out of the queue; none once the leader's own request has its result."""
+        st = self._state
+        if leader.result is not None or not self._queue:
+            return []
+        free = [b for b in range(n) if finished[b]] + list(range(n, self.max_batch))
+        width = st.length + 1  # the batch's width after the coming decode step
+        switch = self.spec.rope_switch_length
+
+        def fits(r: _Request) -> bool:
+            end = width + r.max_new_tokens - 1  # the width when its last token is decoded
+            return r.prompt_ids.size <= width and end <= self.max_length and (switch is None or end <= switch)
+
+        joining = []
+        with self._queue_cv:
+            if any(r is leader for r in self._queue) and not fits(leader):
+                return []  # the leader's own request cannot join: let the batch drain, then it starts one
+            for r in list(self._queue):
+                if not free:
+                    break
+                if r.abandoned:
+                    self._queue.remove(r)
+                elif fits(r):
+                    self._queue.remove(r)
+                    joining.append((free.pop(0), r))
+        return joining
 
     def _batchable(self, reqs: list[_Request]) -> bool:
         """Whether ``reqs`` can share forward passes (else they run one by one, with the same results)."""
@@ -572,6 +627,16 @@ class Engine:
         switch = self.spec.rope_switch_length
         # a LongRoPE switch applies to the whole batch at once: keep batches below it
         return switch is None or width + steps <= switch
+
+    def _joinable(self, group: list[_Request]) -> bool:
+        """Whether a coalesced group can run as a batch that other requests join while it runs."""
+        if self.spec.layout is not KVLayout.GQA_SHARED or self._state.packed_mask is None:
+            return False
+        if len(group) > 1:
+            return self._batchable(group)
+        switch = self.spec.rope_switch_length
+        r = group[0]
+        return switch is None or r.prompt_ids.size + r.max_new_tokens <= switch
 
     def _prepare_batch(
         self,
@@ -855,9 +920,15 @@ class Engine:
             return group
 
     def _run_group(self, group: list[_Request], mine: _Request) -> None:
-        """Run a coalesced group (the caller holds the engine); see :meth:`_coalesced`."""
+        """Run a coalesced group (the caller holds the engine); see :meth:`_coalesced`. On a
+        share-buffer GQA cache it runs as a batch that later requests may join (appended to
+        ``group``)."""
         try:
-            self._run_batch(group)
+            if self._joinable(group):
+                for _ in self._batch_steps(group, leader=mine):
+                    pass
+            else:
+                self._run_batch(group)
         except Exception as e:
             with self._queue_cv:
                 for r in group:

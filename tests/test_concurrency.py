@@ -98,9 +98,9 @@ def test_auto_batch_coalesces_waiting_requests_and_each_gets_its_own_output(eng,
     sizes: list[int] = []
     original = auto._batch_steps
 
-    def recording(group, stream=False):
-        sizes.append(len(group))
-        return original(group, stream)
+    def recording(group, stream=False, leader=None):
+        yield from original(group, stream, leader)
+        sizes.append(len(group))  # after the run: the requests that joined it included
 
     monkeypatch.setattr(auto, "_batch_steps", recording)
     it = auto.stream([1, 2, 3], max_new_tokens=40)
@@ -114,7 +114,7 @@ def test_auto_batch_coalesces_waiting_requests_and_each_gets_its_own_output(eng,
         it.close()
         got = [f.result(timeout=60) for f in futures]
     assert got == want
-    assert sizes and max(sizes) == 4  # batches did form, none larger than max_batch
+    assert sizes and max(sizes) > 1  # batches did form (requests also joined running ones)
     assert not auto._queue
 
 
@@ -243,8 +243,8 @@ def test_auto_batch_followers_never_take_the_engine(auto, monkeypatch):
     run_group = auto._run_group
 
     def recording(group, mine):
-        groups.append(len(group))
-        return run_group(group, mine)
+        run_group(group, mine)
+        groups.append(len(group))  # after the run: the requests that joined it included
 
     monkeypatch.setattr(auto, "_engine", counting)
     monkeypatch.setattr(auto, "_run_group", recording)
@@ -397,3 +397,63 @@ def test_mixed_calls_from_many_threads_on_an_auto_batch_engine(eng, auto):
         got = list(pool.map(lambda c: run(auto, c), calls))
     assert got == want
     assert not auto._queue and not auto._leader
+
+
+def test_waiting_requests_join_a_running_batch(eng, auto, monkeypatch):
+    """Requests that arrive while a batch runs join it between steps (on stopped rows or new ones)
+    instead of waiting for it to end, and each still gets exactly its output alone."""
+    st = auto._state
+    leader_prompt = [1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]  # 12 tokens: later prompts up to the width fit
+    later = [
+        ([1, 5, 9], {"max_new_tokens": 30}),
+        ([1, 2], {"max_new_tokens": 4, "logprobs": 2}),
+        ([1, 3, 3, 3, 3], {"max_new_tokens": 25, "do_sample": True, "seed": 4, "top_p": 0.9}),
+        ([1, 8, 8], {"max_new_tokens": 12, "stop": ["x"]}),
+        ([1, 6], {"max_new_tokens": 20}),
+    ]
+    want_leader = eng.generate(leader_prompt, max_new_tokens=40).token_ids
+    want = [eng.generate(p, **kw) for p, kw in later]
+    original = st.decode_rows
+    steps = {"n": 0}
+
+    def gated():
+        steps["n"] += 1
+        if steps["n"] == 3:  # the leader's batch is running: let the others queue up now
+            gate.set()
+            deadline = time.monotonic() + 10
+            while len(auto._queue) < len(later) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return original()
+
+    joins = []
+    join_row = st.join_row
+
+    def recording(row, prompt, max_steps):
+        joins.append(row)
+        return join_row(row, prompt, max_steps)
+
+    gate = threading.Event()
+    monkeypatch.setattr(st, "decode_rows", gated)
+    monkeypatch.setattr(st, "join_row", recording)
+    results: dict = {}
+    leader = threading.Thread(target=lambda: results.update(leader=auto.generate(leader_prompt, max_new_tokens=40)))
+    leader.start()
+    assert gate.wait(10)
+    threads = [
+        threading.Thread(target=lambda i=i, p=p, kw=kw: results.update({i: auto.generate(p, **kw)}))
+        for i, (p, kw) in enumerate(later)
+    ]
+    for t in threads:
+        t.start()
+    for t in [leader, *threads]:
+        t.join(30)
+        assert not t.is_alive()
+    assert results["leader"].token_ids == want_leader
+    for i, w in enumerate(want):
+        got = results[i]
+        assert (got.token_ids, got.finish_reason, got.text) == (w.token_ids, w.finish_reason, w.text)
+        if w.logprobs is not None:
+            np.testing.assert_allclose(got.logprobs, w.logprobs, rtol=1e-5, atol=1e-6)
+    # all five joined the leader's batch: three on new rows 1-3, two on rows that had stopped
+    assert sorted(joins[:3]) == [1, 2, 3] and len(joins) == 5 and set(joins[3:]) <= {1, 2, 3}
+    assert not auto._queue
