@@ -180,6 +180,7 @@ class StepState:
         if spec.attention_mask is not None and batch > 1:
             self.packed_mask = np.zeros(batch * max_length, dtype=spec.attention_mask.dtype)
         self.lengths = np.zeros(batch, np.int64)  # (batch,) tokens each row holds (padding not counted)
+        self._views_end = 0  # a running batch: the widest mask any of its rows may still need
         self.finished = np.zeros(batch, np.uint8)  # (batch,) 1 for rows that stopped: masked from then on
 
         # (batch, 1) int64/int32, cpu: position of the decoded token
@@ -354,6 +355,7 @@ class StepState:
         if width + max_steps > self.max_length:
             raise ValueError(f"width {width} + {max_steps} steps exceeds max_length {self.max_length}")
         views, handles = self._packed_views(n, width + max_steps)
+        self._views_end = width + max_steps  # the widest mask a row of this batch may still need
         self.rows = n
         self._bound_rows = 0  # the runs below bind other rows: rebind rows 0:n after them
         # growing caches: (n, ..., width, ...) pasts, one per layer (and K/V), zero on the padding
@@ -430,7 +432,10 @@ class StepState:
                 f"(width {width}, max_length {self.max_length})"
             )
         rows = max(n, row + 1)
-        views, handles = self._packed_views(rows, width + max_steps)
+        # views for the new row count as wide as any row of the batch may still need (review: a
+        # joiner shorter than the other rows left them too short)
+        self._views_end = max(self._views_end, width + max_steps)
+        views, handles = self._packed_views(rows, self._views_end)
         bind, spec = self.bind, self.spec
         self._bound_rows = 0  # rebound below
         self.kv.bind_rows(bind, row, row + 1)

@@ -107,14 +107,6 @@ class _Request:
     error: BaseException | None = None  # set when a batch this request was coalesced into failed
     abandoned: bool = False  # its caller left (interrupted): do not run it
 
-    def restart(self) -> None:
-        """Forget a partial run (its text state), so that the request can run again from the start."""
-        self.pieces = []
-        if self.detok is not None:
-            self.detok = IncrementalDetokenizer(self.detok._tok, self.prompt_ids.tolist())
-        if self.stop is not None:
-            self.stop = StopStringMatcher(self.stop.stop)
-
 
 _log = logging.getLogger("engine")
 
@@ -289,8 +281,8 @@ class Engine:
         self._closed = False
         self._freed = False
         self._queue: list[_Request] = []  # auto_batch: single requests waiting to run, oldest first
-        self._queue_cv = threading.Condition()  # guards _queue, _leader and the requests' result/error
-        self._leader = False  # auto_batch: a caller is running (or waiting to run) waiting requests
+        self._queue_cv = threading.Condition()  # guards _queue, _worker and the requests' result/error
+        self._worker: threading.Thread | None = None  # auto_batch: the thread running queued requests
         self.chat_template: str | None = load_chat_template(spec.model_dir)
         self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
         self.last_results: list[GenerationResult] = []  # the rows of the latest batch (generate(list), stream_batch)
@@ -496,15 +488,16 @@ class Engine:
         self.last_result = req.result
 
     def _batch_steps(
-        self, reqs: list[_Request], stream: bool = False, leader: _Request | None = None
+        self, reqs: list[_Request], stream: bool = False, joining: bool = False
     ) -> Iterator[tuple[int, StreamChunk]]:
         """Prefill ``reqs`` together, then decode them one forward per step until every row has
         stopped; a stopped row is masked and no longer counted, and its result is set at once.
         With ``stream``, yields ``(row, chunk)`` for every token as it is decoded.
 
-        ``leader`` (auto_batch, share-buffer GQA caches): the request of the caller running the
-        batch. Until it has its result, waiting requests join the running batch between steps, on
-        stopped rows or new ones (appended to ``reqs``), and each finished row wakes its caller."""
+        ``joining`` (the auto_batch worker, share-buffer GQA caches): waiting requests join the
+        running batch between steps, on stopped rows or new ones (appended to ``reqs`` when taken
+        from the queue), each finished row wakes its caller, and a row whose caller has left
+        (``abandoned``) stops at once."""
         st, sampler, out, finished = self._state, self._sampler, self._out_ids, self._state.finished
         host_ids = st.host_ids
         eos = self.eos_token_ids
@@ -529,6 +522,10 @@ class Engine:
                 if finished[b]:
                     continue
                 req = rows[b]
+                if req.abandoned:  # its caller left: stop the row, no result
+                    finished[b] = 1
+                    live -= 1
+                    continue
                 tok = int(host_ids[b])
                 out[b, counts[b]] = tok
                 counts[b] += 1
@@ -551,22 +548,22 @@ class Engine:
                     ids = out[b, : counts[b]]
                     req.result = self._result(req, ids, finish[b], (*times[b], time.perf_counter()), lp, top[b])
                     live -= 1
-                    if leader is not None:
+                    if joining:
                         with self._queue_cv:
                             self._queue_cv.notify_all()  # its caller returns now
                 if stream:
                     lp_b = logprobs[b][-1] if want[b] else None
                     text = req.pieces[-1] if req.detok is not None else ""  # no tokenizer: ids only
                     yield b, StreamChunk(text, tok, finish[b] if last else None, lp_b)
-            joining = self._joining(leader, finished, n) if leader is not None else []
-            if not live and not joining:
+            if not live and not (joining and self._joiners(finished, n, st.length + 1, take=False)):
                 break
             logits = st.decode_rows()
+            joiners = self._joiners(finished, n, st.length, take=True) if joining else []
+            reqs.extend(r for _, r in joiners)  # in the group from now on (an error reaches them too)
             t_join = time.perf_counter()
-            for b, req in joining:
+            for b, req in joiners:
                 st.join_row(b, req.prompt_ids, req.max_new_tokens - 1)
                 sampler.reset_row(b, req.params, req.prompt_ids)
-                reqs.append(req)
                 if b == n:
                     n += 1
                     rows.append(req)
@@ -579,37 +576,31 @@ class Engine:
                 logprobs[b], top[b] = [], []
                 live += 1
             sampler.sample(logits, st.next_ids, n)
-            for b, _ in joining:
+            for b, _ in joiners:
                 times[b] = (t_join, time.perf_counter())
         self.last_result = reqs[-1].result
 
-    def _joining(self, leader: _Request, finished: np.ndarray, n: int) -> list[tuple[int, _Request]]:
-        """Waiting requests that can join the running batch now, each with its row (a stopped row
-        or a new one), taken out of the queue; none once the leader's own request has its result."""
-        st = self._state
-        if leader.result is not None or not self._queue:
+    def _joiners(self, finished: np.ndarray, n: int, width: int, take: bool) -> list[tuple[int, _Request]]:
+        """Waiting requests that can join the running batch at ``width``, oldest first, each with
+        its row (a stopped row or a new one); with ``take``, taken out of the queue."""
+        if not self._queue:
             return []
         free = [b for b in range(n) if finished[b]] + list(range(n, self.max_batch))
-        width = st.length + 1  # the batch's width after the coming decode step
         switch = self.spec.rope_switch_length
-
-        def fits(r: _Request) -> bool:
-            end = width + r.max_new_tokens - 1  # the width when its last token is decoded
-            return r.prompt_ids.size <= width and end <= self.max_length and (switch is None or end <= switch)
-
-        joining = []
+        joiners = []
         with self._queue_cv:
-            if any(r is leader for r in self._queue) and not fits(leader):
-                return []  # the leader's own request cannot join: let the batch drain, then it starts one
             for r in list(self._queue):
                 if not free:
                     break
+                end = width + r.max_new_tokens - 1  # the width when its last token is decoded
                 if r.abandoned:
-                    self._queue.remove(r)
-                elif fits(r):
-                    self._queue.remove(r)
-                    joining.append((free.pop(0), r))
-        return joining
+                    if take:
+                        self._queue.remove(r)
+                elif r.prompt_ids.size <= width and end <= self.max_length and (switch is None or end <= switch):
+                    if take:
+                        self._queue.remove(r)
+                    joiners.append((free.pop(0), r))
+        return joiners
 
     def _batchable(self, reqs: list[_Request]) -> bool:
         """Whether ``reqs`` can share forward passes (else they run one by one, with the same results)."""
@@ -698,6 +689,8 @@ class Engine:
                     yield start + b, chunk
             else:
                 for i, req in enumerate(group):
+                    if req.abandoned:  # auto_batch: its caller left while it waited
+                        continue
                     for chunk in self._steps(req, stream):
                         yield start + i, chunk
         self.last_results = [r.result for r in reqs if r.result is not None]
@@ -868,41 +861,61 @@ class Engine:
                     self._free()
 
     def _coalesced(self, req: _Request) -> GenerationResult:
-        """auto_batch: queue ``req``; one caller at a time (the leader) takes the engine and runs the
-        oldest waiting request with the later ones that can share its batch; the others wait on a
-        condition and return as soon as their request has run.
+        """auto_batch: queue ``req`` for the worker thread and wait until it has run.
 
-        An interrupt of the leader puts the others of its group back in the queue (restarted); any
-        other failure of a group is raised in each of its callers as an EngineError, and in the
-        leader only when its own request was in that group."""
+        The worker (started on demand, gone when the queue is empty) holds the engine and runs the
+        oldest waiting request with the later ones that can share its batch, which others may
+        join while it runs; every caller returns as soon as its own request has finished. A caller
+        interrupted while it waits leaves: its request is dropped (or its row stopped)."""
+        if self._closed:
+            raise InvalidRequestError("this Engine is closed; create a new one")
+        if self._owner == threading.get_ident():
+            raise InvalidRequestError(
+                "this thread already holds the engine (an open stream() not finished or closed): finish or "
+                "close it before starting another request on the same Engine"
+            )
         with self._queue_cv:
             self._queue.append(req)
-        try:
-            while True:
-                with self._queue_cv:
-                    while req.result is None and req.error is None and self._leader:
-                        self._queue_cv.wait()
-                    if req.result is not None:
-                        return req.result
-                    if req.error is not None:
-                        raise req.error
-                    self._leader = True
-                try:
-                    with self._engine():
-                        group = self._next_group()
-                        if not group:  # cannot happen while req waits unrun; never loop on it
-                            raise EngineError("internal error: a queued request was lost")
-                        self._run_group(group, req)
-                finally:
-                    with self._queue_cv:
-                        self._leader = False
-                        self._queue_cv.notify_all()
-        finally:
-            with self._queue_cv:
-                if req.result is None:
-                    req.abandoned = True  # nobody waits for it any more: never run (again)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="engine-auto-batch", daemon=True)
+                self._worker.start()
+            try:
+                while req.result is None and req.error is None:
+                    # timed, so that an interrupt aimed at this thread is taken within a quarter second
+                    self._queue_cv.wait(0.25)
+            except BaseException:  # KeyboardInterrupt while waiting: the request is dropped
+                req.abandoned = True
                 if req in self._queue:
                     self._queue.remove(req)
+                raise
+        if req.result is None:
+            assert req.error is not None
+            raise req.error
+        return req.result
+
+    def _work(self) -> None:
+        """The auto_batch worker: run queued requests until the queue is empty, then end."""
+        while True:
+            try:
+                with self._engine():
+                    while True:
+                        group = self._next_group()
+                        if not group:
+                            break
+                        self._run_group(group)
+            except BaseException as e:  # the engine was closed (or the worker itself failed)
+                with self._queue_cv:
+                    failed = e if isinstance(e, EngineError) else EngineError(f"{type(e).__name__}: {e}")
+                    for r in self._queue:
+                        r.error = failed
+                    self._queue.clear()
+                    self._worker = None
+                    self._queue_cv.notify_all()
+                return
+            with self._queue_cv:
+                if not self._queue:  # decided under the lock the callers enqueue with
+                    self._worker = None
+                    return
 
     def _next_group(self) -> list[_Request]:
         """Take the oldest waiting request and the later ones that can share its batch (up to
@@ -919,32 +932,26 @@ class Engine:
                     self._queue.remove(r)
             return group
 
-    def _run_group(self, group: list[_Request], mine: _Request) -> None:
-        """Run a coalesced group (the caller holds the engine); see :meth:`_coalesced`. On a
-        share-buffer GQA cache it runs as a batch that later requests may join (appended to
-        ``group``)."""
+    def _run_group(self, group: list[_Request]) -> None:
+        """Run a coalesced group (the worker holds the engine): on a share-buffer GQA cache as a
+        batch that later requests may join (appended to ``group``). A failure is given to every
+        request of the group that has no result, as an EngineError, and the worker goes on."""
         try:
-            if self._joinable(group):
-                for _ in self._batch_steps(group, leader=mine):
-                    pass
-            else:
-                self._run_batch(group)
+            steps = (
+                self._batch_steps(group, joining=True) if self._joinable(group) else self._run_batch_iter(group, False)
+            )
+            for _ in steps:
+                pass
         except Exception as e:
             with self._queue_cv:
                 for r in group:
-                    if r is not mine and r.result is None:
+                    if r.result is None:
                         err = EngineError(f"the batch this request was coalesced into failed: {type(e).__name__}: {e}")
                         err.__cause__ = e
                         r.error = err
-            if mine in group:
-                raise
-        except BaseException:  # KeyboardInterrupt, SystemExit in this caller: the others run later
+        finally:
             with self._queue_cv:
-                back = [r for r in group if r is not mine and r.result is None and not r.abandoned]
-                for r in back:
-                    r.restart()
-                self._queue[:0] = back
-            raise
+                self._queue_cv.notify_all()
 
     def stream(
         self,
