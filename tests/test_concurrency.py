@@ -495,3 +495,42 @@ def test_a_short_or_long_joiner_that_grows_the_batch(eng, auto, monkeypatch, joi
         assert not t.is_alive()
     assert out["a"].token_ids == want[0]
     assert out["b"].token_ids == want[1].token_ids
+
+
+def test_a_caller_interrupted_while_its_row_runs_stops_the_row(eng, auto, monkeypatch):
+    """The interrupted caller's row stops at the next step; the other rows are unaffected."""
+    st = auto._state
+    a_prompt, b_prompt = [1, *[7] * 11], [1, 5, 9]
+    want_a = eng.generate(a_prompt, max_new_tokens=40).token_ids
+    reached = _gate_decode(monkeypatch, auto, 3, 1)
+    stopped = []
+    original_join = st.join_row
+
+    def join_then_note(row, prompt, max_steps):
+        original_join(row, prompt, max_steps)
+        stopped.append(row)
+
+    monkeypatch.setattr(st, "join_row", join_then_note)
+    out: dict = {}
+
+    def call_b():
+        try:
+            out["b"] = auto.generate(b_prompt, max_new_tokens=30)
+        except BaseException as e:  # the interrupted caller
+            out["b"] = e
+
+    a = threading.Thread(target=lambda: out.update(a=auto.generate(a_prompt, max_new_tokens=40)))
+    a.start()
+    assert reached.wait(10)
+    b = threading.Thread(target=call_b)
+    b.start()
+    deadline = time.monotonic() + 10
+    while not stopped and time.monotonic() < deadline:  # b's request has joined the batch
+        time.sleep(0.002)
+    _interrupt(b)
+    for t in (a, b):
+        t.join(30)
+        assert not t.is_alive()
+    assert isinstance(out["b"], KeyboardInterrupt)
+    assert out["a"].token_ids == want_a
+    assert not auto._queue
