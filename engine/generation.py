@@ -283,6 +283,8 @@ class Engine:
         self._queue: list[_Request] = []  # auto_batch: single requests waiting to run, oldest first
         self._queue_cv = threading.Condition()  # guards _queue, _worker and the requests' result/error
         self._worker: threading.Thread | None = None  # auto_batch: the thread running queued requests
+        self._engine_waiters = 0  # callers other than the worker waiting for the engine lock
+        self._closing = False  # close() waits for the engine
         self.chat_template: str | None = load_chat_template(spec.model_dir)
         self.last_result: GenerationResult | None = None  # the latest finished request (stream() included)
         self.last_results: list[GenerationResult] = []  # the rows of the latest batch (generate(list), stream_batch)
@@ -582,8 +584,9 @@ class Engine:
 
     def _joiners(self, finished: np.ndarray, n: int, width: int, take: bool) -> list[tuple[int, _Request]]:
         """Waiting requests that can join the running batch at ``width``, oldest first, each with
-        its row (a stopped row or a new one); with ``take``, taken out of the queue."""
-        if not self._queue:
+        its row (a stopped row or a new one); with ``take``, taken out of the queue. None while a
+        caller or close() waits for the engine: the batch then drains and lets it go."""
+        if not self._queue or self._make_way():
             return []
         free = [b for b in range(n) if finished[b]] + list(range(n, self.max_batch))
         switch = self.spec.rope_switch_length
@@ -849,7 +852,18 @@ class Engine:
                 "this thread already holds the engine (an open stream() not finished or closed): finish or "
                 "close it before starting another request on the same Engine"
             )
-        with self._lock:
+        worker = threading.current_thread() is self._worker
+        if not worker:  # counted, so that the auto_batch worker makes way (no starving under load)
+            with self._queue_cv:
+                self._engine_waiters += 1
+        try:
+            self._lock.acquire()
+        finally:
+            if not worker:
+                with self._queue_cv:
+                    self._engine_waiters -= 1
+                    self._queue_cv.notify_all()
+        try:
             if self._closed:  # closed while this caller waited
                 raise InvalidRequestError("this Engine is closed; create a new one")
             self._owner = threading.get_ident()
@@ -859,6 +873,13 @@ class Engine:
                 self._owner = None
                 if self._closed:  # close() was called from the thread that held an open stream
                     self._free()
+        finally:
+            self._lock.release()
+
+    def _make_way(self) -> bool:
+        """auto_batch: whether the worker should stop taking requests and let the engine go (a
+        caller or close() waits for it)."""
+        return self._engine_waiters > 0 or self._closing
 
     def _coalesced(self, req: _Request) -> GenerationResult:
         """auto_batch: queue ``req`` for the worker thread and wait until it has run.
@@ -898,7 +919,7 @@ class Engine:
         while True:
             try:
                 with self._engine():
-                    while True:
+                    while not self._make_way():
                         group = self._next_group()
                         if not group:
                             break
@@ -913,6 +934,9 @@ class Engine:
                     self._queue_cv.notify_all()
                 return
             with self._queue_cv:
+                # a caller (or close()) waiting for the engine takes it before more requests run
+                while self._make_way() and not self._closed:
+                    self._queue_cv.wait(0.05)
                 if not self._queue:  # decided under the lock the callers enqueue with
                     self._worker = None
                     return
@@ -1032,6 +1056,7 @@ class Engine:
         if self._owner == threading.get_ident():  # an open stream of this thread holds the engine
             self._closed = True  # _engine() frees the buffers when the stream releases it
             return
+        self._closing = True  # the auto_batch worker stops taking requests and lets the engine go
         with self._lock:
             if self._closed and self._freed:
                 return

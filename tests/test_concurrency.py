@@ -534,3 +534,47 @@ def test_a_caller_interrupted_while_its_row_runs_stops_the_row(eng, auto, monkey
     assert isinstance(out["b"], KeyboardInterrupt)
     assert out["a"].token_ids == want_a
     assert not auto._queue
+
+
+def test_a_busy_auto_batch_worker_makes_way_for_other_calls_and_close(tmp_path_factory):
+    """Found by review: under steady auto_batch load the worker kept the engine, so an explicit
+    list, a stream and close() waited as long as requests kept coming. They now get it after the
+    batch running then."""
+    model_dir = cached_model(SyntheticSpec(layout="gqa", seed=41), tmp_path_factory.mktemp("conc-busy"))
+    e = engine.Engine(model_dir, max_length=96, max_batch=4, auto_batch=True)
+    alone = engine.Engine(model_dir, max_length=96)
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                e.generate([5, 6, 7], max_new_tokens=30)
+            except engine.InvalidRequestError:  # closed
+                return
+
+    clients = [threading.Thread(target=client) for _ in range(10)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(0.3)
+        out: dict = {}
+        other = threading.Thread(
+            target=lambda: out.update(
+                batch=[r.token_ids for r in e.generate([[1, 2], [3, 4]], max_new_tokens=8)],
+                stream=[c.token_id for c in e.stream([1, 2, 3], max_new_tokens=8)],
+            )
+        )
+        other.start()
+        other.join(10)
+        assert not other.is_alive()  # served while the clients kept sending requests
+        assert out["batch"] == [r.token_ids for r in alone.generate([[1, 2], [3, 4]], max_new_tokens=8)]
+        assert out["stream"] == alone.generate([1, 2, 3], max_new_tokens=8).token_ids
+        closer = threading.Thread(target=e.close)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive()
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(30)
+    assert not any(t.is_alive() for t in clients)
