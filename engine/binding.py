@@ -211,9 +211,7 @@ class StepState:
         self._grows = not self._static  # presents must be handed back as past each step
         self._mask_name = spec.attention_mask.name if spec.attention_mask is not None else ""
         bind.bind_output(spec.logits.name, self._logits_handles[1])
-        self.kv.bind(bind, outputs_before=1)
-        if self._static:
-            self.kv.bind_rows(bind, 0, 1)
+        self.kv.bind(bind, outputs_before=1)  # rows 0:1 of a static cache: a single request
         self._bound_rows = 1  # rows the logits output and the KV cache are bound for
 
     # ----------------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ class _Request:
 
 
 _log = logging.getLogger("engine")
+_CLOSED = "this Engine is closed; create a new one"
 
 
 def estimate_kv_cache_bytes(
@@ -845,13 +846,7 @@ class Engine:
     @contextlib.contextmanager
     def _engine(self) -> Iterator[None]:
         """Hold the engine (its buffers) for one request, batch or open stream."""
-        if self._closed:
-            raise InvalidRequestError("this Engine is closed; create a new one")
-        if self._owner == threading.get_ident():
-            raise InvalidRequestError(
-                "this thread already holds the engine (an open stream() not finished or closed): finish or "
-                "close it before starting another request on the same Engine"
-            )
+        self._check_usable()
         worker = threading.current_thread() is self._worker
         if not worker:  # counted, so that the auto_batch worker makes way (no starving under load)
             with self._queue_cv:
@@ -865,7 +860,7 @@ class Engine:
                     self._queue_cv.notify_all()
         try:
             if self._closed:  # closed while this caller waited
-                raise InvalidRequestError("this Engine is closed; create a new one")
+                raise InvalidRequestError(_CLOSED)
             self._owner = threading.get_ident()
             try:
                 yield
@@ -875,6 +870,17 @@ class Engine:
                     self._free()
         finally:
             self._lock.release()
+
+    def _check_usable(self) -> None:
+        """Refuse a request on a closed Engine, or from the thread that holds an open stream of it
+        (which would wait for itself forever)."""
+        if self._closed:
+            raise InvalidRequestError(_CLOSED)
+        if self._owner == threading.get_ident():
+            raise InvalidRequestError(
+                "this thread already holds the engine (an open stream() not finished or closed): finish or "
+                "close it before starting another request on the same Engine"
+            )
 
     def _make_way(self) -> bool:
         """auto_batch: whether the worker should stop taking requests and let the engine go (a
@@ -888,13 +894,7 @@ class Engine:
         oldest waiting request with the later ones that can share its batch, which others may
         join while it runs; every caller returns as soon as its own request has finished. A caller
         interrupted while it waits leaves: its request is dropped (or its row stopped)."""
-        if self._closed:
-            raise InvalidRequestError("this Engine is closed; create a new one")
-        if self._owner == threading.get_ident():
-            raise InvalidRequestError(
-                "this thread already holds the engine (an open stream() not finished or closed): finish or "
-                "close it before starting another request on the same Engine"
-            )
+        self._check_usable()
         with self._queue_cv:
             self._queue.append(req)
             if self._worker is None:

@@ -47,8 +47,8 @@ class StaticKVCache:
         self._row_handles: dict[tuple[int, int], list] = {}
 
     def bind(self, bind: FastBinding, outputs_before: int = 0) -> None:
-        """Bind every buffer (all ``batch`` rows) as both past input and present output."""
-        self.bind_rows(bind, 0, self.batch)
+        """Bind row 0 of every buffer (a single request) as both past input and present output."""
+        self.bind_rows(bind, 0, 1)
 
     def bind_rows(self, bind: FastBinding, start: int, stop: int) -> None:
         """Bind rows ``start:stop`` of every buffer as past and present (a contiguous view: no copy).

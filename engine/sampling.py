@@ -545,12 +545,7 @@ class Sampler:
             )
         for p in {id(p): p for p in per_row}.values():
             p.validate(self.vocab_size)
-        prompts = []
-        for i, ids in enumerate(prompt_ids):
-            a = np.asarray(ids)
-            if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)):
-                raise InvalidRequestError(f"prompt_ids[{i}] must be a sequence of token ids in [0, {self.vocab_size})")
-            prompts.append(a.astype(np.int64, copy=False))
+        prompts = [self._prompt(ids, f"prompt_ids[{i}]") for i, ids in enumerate(prompt_ids)]
         self._rows = list(self._rows)
         for r in range(self.batch_size):
             if r < n:
@@ -564,11 +559,16 @@ class Sampler:
         if not _is_int(row) or not 0 <= row < self.batch_size:
             raise ValueError(f"row must be in [0, {self.batch_size}), got {row!r}")
         params.validate(self.vocab_size)
-        a = np.asarray(prompt_ids)
-        if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)):
-            raise InvalidRequestError(f"prompt_ids must be a sequence of token ids in [0, {self.vocab_size})")
+        prompt = self._prompt(prompt_ids, "prompt_ids")
         self._rows = list(self._rows)
-        self._configure(int(row), params, a.astype(np.int64, copy=False), 0)
+        self._configure(int(row), params, prompt, 0)
+
+    def _prompt(self, ids: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
+        """``ids`` as a 1-D int64 array of token ids in the vocabulary (InvalidRequestError otherwise)."""
+        a = np.asarray(ids)
+        if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)):
+            raise InvalidRequestError(f"{name} must be a sequence of token ids in [0, {self.vocab_size})")
+        return a.astype(np.int64, copy=False)
 
     def _configure(self, r: int, p: SamplingParams, prompt: np.ndarray, stream: int) -> None:
         cfg = _RowConfig.from_params(p, self.vocab_size)
