@@ -8,7 +8,7 @@
 2. Model: the synthetic Phi-4-mini-shaped fp16 model ``phi4_mini_spec(layers, vocab, dtype="float16")``
    (INT4 MatMulNBits, GroupQueryAttention), built once into perf/models/ (``cached_model``).
 3. Engines, same model and lengths: the engine with CUDA graphs, the engine without, and
-   onnxruntime-genai (CUDA, with its own graph capture) when ``onnxruntime_genai`` imports.
+   onnxruntime-genai (CUDA) with and without its own graph capture when ``onnxruntime_genai`` imports.
 4. Checks (exit 1 when one fails): greedy tokens of graph vs no-graph identical; genai vs the
    engine identical over the first ``--parity-tokens``; an ORT profile of a decode without graphs
    has no MemcpyToHost/MemcpyFromHost node in any step.
@@ -143,6 +143,7 @@ def make_runners(args: argparse.Namespace, model_dir: Path, max_length: int, fai
     }
     if genai_available() and not args.no_genai:
         makers["genai cuda-graph"] = lambda: GenaiRunner(model_dir, args.provider, 1, {"enable_cuda_graph": "1"})
+        makers["genai no-graph"] = lambda: GenaiRunner(model_dir, args.provider, 1, {"enable_cuda_graph": "0"})
     runners: dict[str, Runner] = {}
     for name, make in makers.items():
         try:
@@ -207,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         graph_div = first_divergence(samples["engine cuda-graph"][0].tokens, samples["engine no-graph"][0].tokens)
         if graph_div is not None:
             failures.append(f"engine with CUDA graphs diverges from the engine without at token {graph_div}")
-    if "genai cuda-graph" in samples and ref_name and ref_name != "genai cuda-graph":
-        engine_name = "engine cuda-graph" if "engine cuda-graph" in samples else ref_name
-        genai_div = first_divergence(samples["genai cuda-graph"][0].tokens, samples[engine_name][0].tokens)
+    engine_name = "engine cuda-graph" if "engine cuda-graph" in samples else ref_name
+    for genai_name in ("genai cuda-graph", "genai no-graph"):
+        if genai_name not in samples or engine_name is None or engine_name.startswith("genai"):
+            continue
+        genai_div = first_divergence(samples[genai_name][0].tokens, samples[engine_name][0].tokens)
         if genai_div is not None and genai_div < args.parity_tokens:
-            failures.append(
-                f"onnxruntime-genai diverges from {engine_name} at token {genai_div} (< {args.parity_tokens})"
-            )
+            failures.append(f"{genai_name} diverges from {engine_name} at token {genai_div} (< {args.parity_tokens})")
 
     n_copies = -1
     try:
@@ -235,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {row.runner} | {row.reps} | {row.ttft_ms:.2f} | {row.prefill_ms:.2f} | {row.decode_tok_s:.1f} | {div} |"
         )
+
+    by_name = {row.runner: row for row in rows}
+    for ours, theirs in (("engine cuda-graph", "genai cuda-graph"), ("engine no-graph", "genai no-graph")):
+        if ours in by_name and theirs in by_name and by_name[theirs].decode_tok_s > 0:
+            ratio = by_name[ours].decode_tok_s / by_name[theirs].decode_tok_s
+            print(f"decode tok/s {ours} / {theirs}: {ratio:.2f}x")
 
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
