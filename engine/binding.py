@@ -46,17 +46,27 @@ class FastBinding:
     def __init__(self, session: ort.InferenceSession, io: ort.IOBinding, run_options: ort.RunOptions | None):
         self.io = io
         self.session = session
-        self.run_options = run_options
         c_sess = getattr(session, "_sess", None)
         c_io = getattr(io, "_iobinding", None)
         self.fast = c_sess is not None and c_io is not None and hasattr(c_sess, "run_with_iobinding")
         if self.fast:
             self._c_io = c_io
             self._c_run = c_sess.run_with_iobinding
-            # the hot calls as C-level partials (instance attributes shadow the methods below)
-            self.run = functools.partial(c_sess.run_with_iobinding, c_io, run_options)
-            self.bind_input = c_io.bind_ortvalue_input
+            self.bind_input = c_io.bind_ortvalue_input  # the hot call as the C-level method
+        self.run_options = run_options  # (the setter also makes the C-level run partial)
         self._devices: dict[str, object] = {}
+
+    @property
+    def run_options(self) -> ort.RunOptions | None:
+        """The RunOptions every :meth:`run` passes; setting it takes effect at the next run."""
+        return self._run_options
+
+    @run_options.setter
+    def run_options(self, options: ort.RunOptions | None) -> None:
+        self._run_options = options
+        if self.fast:
+            # the hot call as a C-level partial (the instance attribute shadows the method below)
+            self.run = functools.partial(self._c_run, self._c_io, options)
 
     def value(self, ortvalue: ort.OrtValue):
         """The handle to pass to :meth:`bind_input` / :meth:`bind_output` (made once per buffer)."""

@@ -265,6 +265,21 @@ def test_decode_run_options():
         decode.get_run_config_entry("gpu_graph_id")
 
 
+def test_prefill_and_decode_run_with_their_own_run_options(model_dirs):
+    """The prompt runs with the prefill RunOptions (gpu_graph_id -1: outside the CUDA graph), the
+    decode steps with the decode ones (graph 1). A decode RunOptions with ``terminate`` set fails
+    every run it is used for, so the prefill must succeed and the decode step must not."""
+    eng = _device_engine(model_dirs["gqa-fp32"], graph=True)
+    state = eng._state
+    state._decode_options.terminate = True
+    state.prefill(np.array([PROMPTS[0]], dtype=np.int64))
+    with pytest.raises(Exception, match="(?i)terminat"):
+        state.decode_one_token()
+    state._decode_options.terminate = False
+    state.prefill(np.array([PROMPTS[0]], dtype=np.int64))
+    state.decode_one_token()
+
+
 def test_resolve_cuda_graph(model_dirs):
     gqa16 = engine.load_model_spec(model_dirs["gqa-fp16"])
     gqa32 = engine.load_model_spec(model_dirs["gqa-fp32"])
