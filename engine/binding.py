@@ -120,6 +120,13 @@ class FastBinding:
         """This run's outputs as handles :meth:`bind_input` accepts (no copy)."""
         return self._c_io.get_outputs() if self.fast else self.io.get_outputs()
 
+    def run_with(self, options: ort.RunOptions | None) -> None:
+        """One run with other RunOptions (the CUDA prompt: outside the decode step's graph)."""
+        if self.fast:
+            self._c_run(self._c_io, options)
+        else:
+            self.session.run_with_iobinding(self.io, options)
+
     def run(self) -> None:
         """Run the session on the bound inputs and outputs."""
         if self.fast:

@@ -229,6 +229,10 @@ class DeviceOps(Protocol):
 
     def download(self, dst: np.ndarray, src: Any) -> None: ...  # device -> host, then wait for it
 
+    def download_async(self, dst: np.ndarray, src: Any, slot: int) -> None: ...  # device -> host, marks ``slot``
+
+    def wait(self, slot: int) -> None: ...  # until the work enqueued before ``slot``'s mark is done
+
     def synchronize(self) -> None: ...
 
     def wrap(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: object) -> Any: ...
@@ -267,6 +271,12 @@ class NumpyOps:
 
     def download(self, dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src, casting="same_kind")
+
+    def download_async(self, dst: np.ndarray, src: np.ndarray, slot: int) -> None:
+        np.copyto(dst, src, casting="same_kind")  # the host is the device: done at once
+
+    def wait(self, slot: int) -> None:
+        pass
 
     def synchronize(self) -> None:
         pass
@@ -381,6 +391,8 @@ class CupyOps:
         self._runtime = cupy.cuda.runtime
         self._module: Any = None  # compiled on first use (cached on disk by cupy)
         self._rng: Any = None
+        # one event per slot of the pipelined decode loop: marks a step's ids copy to the host
+        self._events = [cupy.cuda.Event(block=False, disable_timing=True, interprocess=False) for _ in range(2)]
 
     def _kernel(self, name: str):
         if self._module is None:
@@ -417,6 +429,15 @@ class CupyOps:
             dst.ctypes.data, src.data.ptr, dst.nbytes, self._runtime.memcpyDeviceToHost, self.stream_ptr
         )
         self.stream.synchronize()
+
+    def download_async(self, dst: np.ndarray, src: Any, slot: int) -> None:
+        self._runtime.memcpyAsync(
+            dst.ctypes.data, src.data.ptr, dst.nbytes, self._runtime.memcpyDeviceToHost, self.stream_ptr
+        )
+        self._events[slot].record(self.stream)
+
+    def wait(self, slot: int) -> None:
+        self._events[slot].synchronize()
 
     def synchronize(self) -> None:
         self.stream.synchronize()
@@ -641,9 +662,7 @@ class DeviceStepState:
             bind.bind_input("use_cache_branch", self._cache_branch[False])
         if not self.last_token_logits:
             bind.bind_output_device(spec.logits.name, device)  # (1, P, vocab) allocated by ORT for this run only
-        bind.run_options = self._prefill_options
-        bind.run()
-        bind.run_options = self._decode_options
+        bind.run_with(self._prefill_options)
         if not self.last_token_logits:
             full = bind.outputs()[0]
             with ops.scope():
@@ -694,6 +713,8 @@ class DeviceSampler:
         self.vocab_size = vocab_size
         self.host_ids = host_ids  # (batch,) ids dtype, page-locked host
         self._host = Sampler(batch, vocab_size, impl=impl)  # the CPU sampler of the host fallback
+        # (2, batch) ids dtype, page-locked host: the two slots of the pipelined loop (enqueue / wait)
+        self.slots = ops.pinned_zeros((2, batch), host_ids.dtype)
         self._argmax = ops.argmax_writer(logits_dtype, host_ids.dtype)
         self._logits_dtype = np.dtype(logits_dtype)
         self._host_logits: np.ndarray | None = None  # (batch, vocab) page-locked, made on the first host request
@@ -729,18 +750,42 @@ class DeviceSampler:
             self._draw = self.ops.uniform(seed)
         self.mode, self.fallback_reason = mode, reason
 
-    def sample(self, logits: Any, out: Any, rows: int | None = None) -> None:
-        """Write the next id of each row into ``out`` (device) and into ``host_ids``; one wait per call."""
+    @property
+    def on_device(self) -> bool:
+        """Whether this request's ids are chosen on the device (greedy or device mode): then
+        :meth:`enqueue` / :meth:`wait` can run one step ahead of the host."""
+        return self.mode != HOST
+
+    def _choose(self, logits: Any, out: Any) -> None:
         ops = self.ops
         if self.mode == GREEDY:
             self._argmax(logits, out)
-        elif self.mode == DEVICE:
+        else:
             assert self._draw is not None
             with ops.scope():
                 u = self._draw((logits.shape[0], 1))
                 out[...] = sample_rows(
                     ops.xp, logits, u, temperature=self._temperature, top_k=self._top_k, top_p=self._top_p
                 )
+
+    def enqueue(self, logits: Any, out: Any, slot: int) -> None:
+        """Greedy / device mode: enqueue choosing the next ids into ``out`` (device) and their copy into
+        ``slots[slot]`` (host) without waiting; :meth:`wait` returns them."""
+        if self.mode == HOST:
+            raise RuntimeError("enqueue needs the ids chosen on the device (greedy or device mode)")
+        self._choose(logits, out)
+        self.ops.download_async(self.slots[slot], out, slot)
+
+    def wait(self, slot: int) -> np.ndarray:
+        """The ``(batch,)`` host ids :meth:`enqueue` put in ``slot``, once they have arrived."""
+        self.ops.wait(slot)
+        return self.slots[slot]
+
+    def sample(self, logits: Any, out: Any, rows: int | None = None) -> None:
+        """Write the next id of each row into ``out`` (device) and into ``host_ids``; one wait per call."""
+        ops = self.ops
+        if self.mode != HOST:
+            self._choose(logits, out)
         else:
             assert self._host_logits is not None
             ops.download(self._host_logits, logits)

@@ -253,6 +253,9 @@ class Engine:
         self.threads = so.intra_op_num_threads
         self.last_token_logits = edited
         self.cuda_graph = False  # whether the decode step replays a captured CUDA graph
+        # CUDA: run the decode loop one step ahead of the host when the ids are chosen on the device
+        # (Engine._steps_ahead); False makes every step wait for its ids (a switch for measurements)
+        self._lookahead = True
         self._state: StepState | DeviceStepState
         self._sampler: Sampler | DeviceSampler
         if on_cuda:
@@ -451,6 +454,10 @@ class Engine:
         logprobs: list[float] = []
         top: list[dict[int, float]] = []
         sampler.reset(req.params, [req.prompt_ids])
+        crosses = switch is not None and len(req.prompt_ids) < switch < len(req.prompt_ids) + req.max_new_tokens
+        if self._lookahead and getattr(sampler, "on_device", False) and not want_logprobs and not crosses:
+            yield from self._steps_ahead(req, stream)
+            return
 
         t0 = time.perf_counter()
         logits = st.prefill(req.prompt_ids[None, :])
@@ -488,6 +495,46 @@ class Engine:
             sampler.sample(logits, st.next_ids)
         t_end = time.perf_counter()
         req.result = self._result(req, out[:n], finish, (t0, t_first, t_end), logprobs if want_logprobs else None, top)
+        self.last_result = req.result
+
+    def _steps_ahead(self, req: _Request, stream: bool) -> Iterator[StreamChunk]:
+        """:meth:`_steps` for a device sampler that chooses the ids on the device (CUDA greedy / top-k /
+        top-p): the loop runs one step ahead of the host. The step for token ``n + 1`` (it reads
+        token ``n`` from the device ids buffer) is enqueued before the host waits for token ``n``,
+        so the GPU works while the host handles a token (stop checks, text, the caller's
+        stream). The ids alternate between two page-locked slots. When token ``n`` ends the request
+        (EOS, a stop string) the step enqueued after it is dropped: its KV row lies past the
+        request's end, and the next request's prompt overwrites it."""
+        st, sampler, out = self._state, self._sampler, self._out_ids[0]
+        eos = self.eos_token_ids
+        limit = req.max_new_tokens
+        t0 = time.perf_counter()
+        sampler.enqueue(st.prefill(req.prompt_ids[None, :]), st.next_ids, 0)
+        t_first = 0.0
+        n = 0
+        finish = "length"
+        while True:
+            if n + 1 < limit:  # token n + 1 may be wanted: enqueue its step now
+                sampler.enqueue(st.decode_one_token(), st.next_ids, (n + 1) & 1)
+            tok = int(sampler.wait(n & 1)[0])
+            if n == 0:
+                t_first = time.perf_counter()
+            out[n] = tok
+            n += 1
+            last = n >= limit
+            if tok in eos:
+                finish, last = "eos", True
+            if req.detok is not None:
+                piece, stopped = self._text_of(req, tok, last)
+                if stopped:
+                    finish, last = "stop", True
+                req.pieces.append(piece)
+                if stream:
+                    yield StreamChunk(piece, tok, finish if last else None, None)
+            if last:
+                break
+        t_end = time.perf_counter()
+        req.result = self._result(req, out[:n], finish, (t0, t_first, t_end), None, [])
         self.last_result = req.result
 
     def _batch_steps(

@@ -7,7 +7,8 @@
 1. Environment: onnxruntime and its providers, cupy and the GPU; exits 2 when CUDA is not usable.
 2. Model: the synthetic Phi-4-mini-shaped fp16 model ``phi4_mini_spec(layers, vocab, dtype="float16")``
    (INT4 MatMulNBits, GroupQueryAttention), built once into perf/models/ (``cached_model``).
-3. Engines, same model and lengths: the engine with CUDA graphs, the engine without, and
+3. Engines, same model and lengths: the engine with CUDA graphs, the engine without, the engine with
+   CUDA graphs and no lookahead (each step waits for its ids: ``Engine._lookahead = False``), and
    onnxruntime-genai (CUDA) with and without its own graph capture when ``onnxruntime_genai`` imports.
 4. Checks (exit 1 when one fails): greedy tokens of graph vs no-graph identical; genai vs the
    engine identical over the first ``--parity-tokens``; an ORT profile of a decode without graphs
@@ -135,11 +136,18 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def _step_sync(runner: EngineRunner) -> EngineRunner:
+    """The engine with CUDA graphs, every step waiting for its ids (no lookahead): what the lookahead gains."""
+    runner.eng._lookahead = False
+    return runner
+
+
 def make_runners(args: argparse.Namespace, model_dir: Path, max_length: int, failures: list[str]) -> dict[str, Runner]:
     """The runners that could be built (a failure is recorded, and the others still run)."""
     makers = {
         "engine cuda-graph": lambda: EngineRunner(model_dir, args.provider, max_length, cuda_graph=True),
         "engine no-graph": lambda: EngineRunner(model_dir, args.provider, max_length, cuda_graph=False),
+        "engine cuda-graph step-sync": lambda: _step_sync(EngineRunner(model_dir, args.provider, max_length)),
     }
     if genai_available() and not args.no_genai:
         makers["genai cuda-graph"] = lambda: GenaiRunner(model_dir, args.provider, 1, {"enable_cuda_graph": "1"})

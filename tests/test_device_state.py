@@ -79,6 +79,52 @@ def test_device_state_greedy_matches_cpu_engine(model_dirs, name, graph, last_to
         assert got.finish_reason == want.finish_reason
 
 
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_lookahead_loop_stops_like_the_cpu_engine(model_dirs, lookahead):
+    """The device loop runs one step ahead (Engine._steps_ahead): EOS, max_new_tokens, stop strings
+    and streaming end where the CPU engine ends, and the step enqueued past the end does not leak
+    into the next request. ``lookahead=False``: the step-synchronous loop, the same results."""
+    cpu = engine.Engine(model_dirs["gqa-fp32"], max_length=MAX_LENGTH)
+    dev = _device_engine(model_dirs["gqa-fp32"], graph=True)
+    dev._lookahead = lookahead
+    free = cpu.generate(PROMPTS[0], max_new_tokens=20).token_ids
+    eos = free[5]
+    for eng in (cpu, dev):
+        eng.eos_token_ids = frozenset({eos})
+    want = cpu.generate(PROMPTS[0], max_new_tokens=20)
+    got = dev.generate(PROMPTS[0], max_new_tokens=20)
+    assert got.token_ids == want.token_ids == free[: free.index(eos) + 1]
+    assert got.finish_reason == want.finish_reason == "eos"
+    # the next request starts clean after the dropped step
+    for prompt, n in ((PROMPTS[2], 12), (PROMPTS[1], 1), (PROMPTS[0], 3)):
+        a, b = cpu.generate(prompt, max_new_tokens=n), dev.generate(prompt, max_new_tokens=n)
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert b.stats.new_tokens == len(b.token_ids) == len(a.token_ids)
+    # a stop string ends it on the same token, and a stream yields the same tokens and text
+    for eng in (cpu, dev):
+        eng.eos_token_ids = frozenset()
+    text = cpu.generate(PROMPTS[0], max_new_tokens=20).text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    a = cpu.generate(PROMPTS[0], max_new_tokens=20, stop=stop)
+    b = dev.generate(PROMPTS[0], max_new_tokens=20, stop=stop)
+    assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+    assert b.finish_reason == "stop"
+    chunks = list(dev.stream(PROMPTS[2], max_new_tokens=15))
+    ref = cpu.generate(PROMPTS[2], max_new_tokens=15)
+    assert [c.token_id for c in chunks] == ref.token_ids
+    assert "".join(c.text for c in chunks) == ref.text
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_sampler_enqueue_needs_device_mode(model_dirs):
+    dev = _device_engine(model_dirs["gqa-fp32"], graph=False)
+    sampler = dev._sampler
+    sampler.reset(SamplingParams(repetition_penalty=1.3), [PROMPTS[0]])
+    assert not sampler.on_device
+    with pytest.raises(RuntimeError, match="device"):
+        sampler.enqueue(dev._state.logits_2d, dev._state.next_ids, 0)
+
+
 def test_static_mask_zeros_past_the_valid_length(model_dirs):
     eng = _device_engine(model_dirs["gqa-fp32"], graph=True)
     eng.generate(PROMPTS[2], max_new_tokens=20)
@@ -273,7 +319,7 @@ def test_prefill_and_decode_run_with_their_own_run_options(model_dirs):
     state = eng._state
     state._decode_options.terminate = True
     state.prefill(np.array([PROMPTS[0]], dtype=np.int64))
-    with pytest.raises(Exception, match="(?i)terminat"):
+    with pytest.raises(Exception, match=r"(?i)terminat"):
         state.decode_one_token()
     state._decode_options.terminate = False
     state.prefill(np.array([PROMPTS[0]], dtype=np.int64))
