@@ -564,6 +564,11 @@ class DeviceStepState:
         self.io = session.io_binding()
         self._prefill_options, self._decode_options = decode_run_options(graph=graph, asynchronous=ops.asynchronous)
         self.bind = FastBinding(session, self.io, self._decode_options)
+        # ORT runs on the engine's stream (user_compute_stream) and touches it when its binding and
+        # session are destroyed (arena frees of ORT-allocated outputs): each of them keeps the stream
+        # alive, as the last attribute set so that its ORT object goes first when it is collected
+        for holder in (session, self.io, self.bind):
+            holder._engine_stream = getattr(ops, "stream", None)
         self._device = ops.device
         xp = ops.xp
 
@@ -857,12 +862,14 @@ def create_cuda_runtime(
     """Session, device buffers and sampler of a CUDA engine (``model``: path or edited model bytes)."""
     graph = resolve_cuda_graph(spec, cuda_graph)
     if spec.layout is KVLayout.GQA_SHARED and not gqa_runs_on_cuda(spec):
-        warnings.warn(
-            f"onnxruntime's CUDA GroupQueryAttention takes float16 only: this {spec.kv_dtype} model's attention "
-            "runs on the CPU execution provider, its inputs and KV cache copied between host and device every "
-            "step; export the model in float16 for CUDA",
-            RuntimeWarning,
-            stacklevel=3,
+        # ORT places such a GroupQueryAttention on the CPU EP behind Memcpy nodes; its present output
+        # is then a host copy, not the device buffer bound as past, so the shared KV cache loses the
+        # earlier rows (seen on an H100 with onnxruntime-gpu 1.31: wrong tokens from the first decode step)
+        raise ProviderError(
+            f"provider 'cuda' cannot run this {spec.kv_dtype} GroupQueryAttention share-buffer model: "
+            "onnxruntime's CUDA GroupQueryAttention takes float16 only, and on the CPU execution provider the "
+            "KV cache can no longer be shared between past and present; export the model in float16 for CUDA "
+            "(onnxruntime-genai builder: -p fp16 or -p int4 -e cuda) or use provider='cpu'"
         )
     ops = CupyOps(import_cupy())
     session, graph = _cuda_session(model, so, ops, graph, cuda_graph)

@@ -343,6 +343,20 @@ def test_resolve_cuda_graph(model_dirs):
         cuda.resolve_cuda_graph(gqa16, "yes")
 
 
+def test_fp32_gqa_share_buffer_is_refused_on_cuda(model_dirs):
+    """Refused before cupy or a session is touched (tests/test_cuda.py shows why on a GPU)."""
+    spec = engine.Engine(model_dirs["gqa-fp32"], max_length=MAX_LENGTH).spec
+    with pytest.raises(ProviderError, match="float16 only"):
+        cuda.create_cuda_runtime(
+            str(spec.model_dir / "model.onnx"),
+            spec,
+            ort.SessionOptions(),
+            max_length=MAX_LENGTH,
+            last_token_logits=True,
+            cuda_graph=None,
+        )
+
+
 def test_cuda_graph_argument_on_cpu(model_dirs):
     eng = engine.Engine(model_dirs["gqa-fp32"], max_length=MAX_LENGTH, cuda_graph=True)  # ignored on the CPU
     assert eng.cuda_graph is False
