@@ -861,6 +861,15 @@ def create_cuda_runtime(
 ) -> DeviceRuntime:
     """Session, device buffers and sampler of a CUDA engine (``model``: path or edited model bytes)."""
     graph = resolve_cuda_graph(spec, cuda_graph)
+    if spec.layout is not KVLayout.GQA_SHARED:
+        # the growing-KV path (ORT-allocated device presents fed back as past) gave the CPU engine's
+        # tokens on an H100, but the process aborted when such an engine was freed (onnxruntime-gpu
+        # 1.31, cause not found yet): refused until a device check passes
+        raise ProviderError(
+            f"provider 'cuda' runs GroupQueryAttention share-buffer models only (onnxruntime-genai builder "
+            f"layout, -p fp16 or -p int4 -e cuda); this model's KV layout is {spec.layout.value}: freeing such "
+            "a CUDA engine aborted the process in a device test, so it is refused; use provider='cpu' for it"
+        )
     if spec.layout is KVLayout.GQA_SHARED and not gqa_runs_on_cuda(spec):
         # ORT places such a GroupQueryAttention on the CPU EP behind Memcpy nodes; its present output
         # is then a host copy, not the device buffer bound as past, so the shared KV cache loses the

@@ -77,15 +77,12 @@ def test_fp32_gqa_share_buffer_is_refused(model_dirs):
         _cuda(model_dirs["gqa-fp32"])
 
 
-@pytest.mark.parametrize("name", ["concat-fp32"])
-def test_greedy_parity_with_cpu_engine(model_dirs, name):
-    """fp32 for exact parity (no TF32)."""
-    cpu = engine.Engine(model_dirs[name], max_length=MAX_LENGTH)
-    gpu = _cuda(model_dirs[name])
-    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
-    assert gpu.cuda_graph is False
-    for prompt in PROMPTS:
-        assert gpu.generate(prompt, max_new_tokens=32).token_ids == cpu.generate(prompt, max_new_tokens=32).token_ids
+@pytest.mark.parametrize("name", ["concat-fp32", "concat-fp16"])
+def test_concat_layouts_are_refused(model_dirs, name):
+    """Their CUDA engines gave the CPU engine's tokens, but freeing one aborted the process (H100,
+    onnxruntime-gpu 1.31): refused with a clear error until a device check passes."""
+    with pytest.raises(ProviderError, match="share-buffer models only"):
+        _cuda(model_dirs[name])
 
 
 @pytest.mark.parametrize("name", ["gqa-fp16", "gqa-fp16-int4"])
@@ -128,14 +125,6 @@ def test_fp16_gqa_logits_close_to_cpu_plain_loop(model_dirs, cupy):
     assert tokens[:4] == plain.greedy(prompt, 4, stop_at_eos=False).token_ids
 
 
-@pytest.mark.parametrize("name", ["concat-fp16"])
-def test_fp16_concat_parity_first_tokens(model_dirs, name):
-    cpu = engine.Engine(model_dirs[name], max_length=MAX_LENGTH)
-    gpu = _cuda(model_dirs[name])
-    for prompt in PROMPTS[:2]:
-        assert gpu.generate(prompt, max_new_tokens=4).token_ids == cpu.generate(prompt, max_new_tokens=4).token_ids
-
-
 # ------------------------------------------------------------------------------------------
 # what crosses to the host
 
@@ -171,7 +160,7 @@ class _CountingRuntime:
         return self._runtime.memcpyAsync(dst, src, size, kind, stream)
 
 
-@pytest.mark.parametrize("name", ["gqa-fp16-vocab32k", "concat-fp16"])
+@pytest.mark.parametrize("name", ["gqa-fp16-vocab32k"])
 def test_per_step_host_copy_is_only_the_ids(model_dirs, name, monkeypatch, cupy):
     gpu = _cuda(model_dirs[name])
     gpu.generate(PROMPTS[0], max_new_tokens=4)  # warm-up (kernels compiled, graph captured)
@@ -256,14 +245,16 @@ def test_device_sampling_stays_in_top_k_and_repeats_per_seed(model_dirs, cupy):
 
 
 def test_host_fallback_on_gpu_matches_cpu(model_dirs):
-    cpu = engine.Engine(model_dirs["concat-fp32"], max_length=MAX_LENGTH)
-    gpu = _cuda(model_dirs["concat-fp32"])
+    # fp16 on both (the CUDA greedy tokens of this model equal the CPU's over 16 steps on an H100);
+    # logprobs within fp16 kernel differences
+    cpu = engine.Engine(model_dirs["gqa-fp16"], max_length=MAX_LENGTH)
+    gpu = _cuda(model_dirs["gqa-fp16"])
     kw = {"repetition_penalty": 1.3, "logprobs": 2}
-    got = gpu.generate(PROMPTS[0], max_new_tokens=24, **kw)
+    got = gpu.generate(PROMPTS[0], max_new_tokens=12, **kw)
     assert gpu._sampler.mode == "host" and "penalties" in gpu._sampler.fallback_reason
-    want = cpu.generate(PROMPTS[0], max_new_tokens=24, **kw)
+    want = cpu.generate(PROMPTS[0], max_new_tokens=12, **kw)
     assert got.token_ids == want.token_ids
-    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-3)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-2)
 
 
 def test_stream_works_on_gpu(model_dirs):

@@ -343,10 +343,11 @@ def test_resolve_cuda_graph(model_dirs):
         cuda.resolve_cuda_graph(gqa16, "yes")
 
 
-def test_fp32_gqa_share_buffer_is_refused_on_cuda(model_dirs):
-    """Refused before cupy or a session is touched (tests/test_cuda.py shows why on a GPU)."""
-    spec = engine.Engine(model_dirs["gqa-fp32"], max_length=MAX_LENGTH).spec
-    with pytest.raises(ProviderError, match="float16 only"):
+@pytest.mark.parametrize(("name", "match"), [("gqa-fp32", "float16 only"), ("concat-fp16", "share-buffer models only")])
+def test_models_refused_on_cuda(model_dirs, name, match):
+    """Refused before cupy or a session is touched (engine/cuda.py says what a GPU showed)."""
+    spec = engine.Engine(model_dirs[name], max_length=MAX_LENGTH).spec
+    with pytest.raises(ProviderError, match=match):
         cuda.create_cuda_runtime(
             str(spec.model_dir / "model.onnx"),
             spec,
