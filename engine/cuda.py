@@ -624,6 +624,23 @@ class DeviceStepState:
         self._bind_logits()
         self.kv.bind(self.bind, outputs_before=1)
         ops.synchronize()  # the zero fills are done before ORT's first run
+        self._released = False
+
+    def release(self) -> None:
+        """Let go of every bound value while the session is still alive: tensors ORT allocated on the
+        device (the concat layouts' presents) must go back to its arena before the session that owns
+        it is destroyed. Called by ``Engine.close()`` and when the state is collected."""
+        if getattr(self, "_released", True):
+            return
+        self._released = True
+        with contextlib.suppress(Exception):  # also runs at interpreter exit, when anything may be gone
+            self.ops.synchronize()
+        with contextlib.suppress(Exception):
+            self.io.clear_binding_inputs()
+            self.io.clear_binding_outputs()
+
+    def __del__(self) -> None:
+        self.release()
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -864,7 +881,9 @@ def create_cuda_runtime(
     if spec.layout is not KVLayout.GQA_SHARED:
         # the growing-KV path (ORT-allocated device presents fed back as past) gave the CPU engine's
         # tokens on an H100, but the process aborted when such an engine was freed (onnxruntime-gpu
-        # 1.31, cause not found yet): refused until a device check passes
+        # 1.31). Likely cause: those presents, still bound, were freed after their session (the GQA
+        # path binds only its own buffers and never aborted); DeviceStepState.release() now clears the
+        # binding first, but that has not run on a GPU: refused until a device check passes
         raise ProviderError(
             f"provider 'cuda' runs GroupQueryAttention share-buffer models only (onnxruntime-genai builder "
             f"layout, -p fp16 or -p int4 -e cuda); this model's KV layout is {spec.layout.value}: freeing such "

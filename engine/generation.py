@@ -1114,6 +1114,9 @@ class Engine:
         """Drop the session and buffers (the caller holds the engine lock)."""
         if not self._freed:
             self._freed = True
+            release = getattr(self._state, "release", None)  # the CUDA state: bound device tensors first
+            if release is not None:
+                release()
             del self._state, self._sampler, self.session, self._out_ids
         with self._queue_cv:
             self._queue_cv.notify_all()  # auto_batch callers waiting: they now get "closed"

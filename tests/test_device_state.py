@@ -125,6 +125,22 @@ def test_sampler_enqueue_needs_device_mode(model_dirs):
         sampler.enqueue(dev._state.logits_2d, dev._state.next_ids, 0)
 
 
+@pytest.mark.parametrize("name", ["concat-fp16", "gqa-fp16"])
+def test_release_lets_go_of_bound_values_before_the_session(model_dirs, name):
+    """release() (Engine.close, or collection) clears the binding while the session lives: ORT-made
+    presents go back to the session's allocator before it is destroyed."""
+    dev = _device_engine(model_dirs[name], graph=False)
+    dev.generate(PROMPTS[0], max_new_tokens=4)
+    state = dev._state
+    assert len(state.io.get_outputs()) > 0
+    state.release()
+    assert len(state.io.get_outputs()) == 0
+    state.release()  # twice: nothing
+    dev.close()
+    with pytest.raises(InvalidRequestError, match="closed"):
+        dev.generate(PROMPTS[0], max_new_tokens=2)
+
+
 def test_static_mask_zeros_past_the_valid_length(model_dirs):
     eng = _device_engine(model_dirs["gqa-fp32"], graph=True)
     eng.generate(PROMPTS[2], max_new_tokens=20)
