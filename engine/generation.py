@@ -454,7 +454,7 @@ class Engine:
         logprobs: list[float] = []
         top: list[dict[int, float]] = []
         sampler.reset(req.params, [req.prompt_ids])
-        crosses = switch is not None and len(req.prompt_ids) < switch < len(req.prompt_ids) + req.max_new_tokens
+        crosses = switch is not None and len(req.prompt_ids) <= switch < len(req.prompt_ids) + req.max_new_tokens
         if self._lookahead and getattr(sampler, "on_device", False) and not want_logprobs and not crosses:
             yield from self._steps_ahead(req, stream)
             return

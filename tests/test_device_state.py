@@ -170,19 +170,22 @@ def test_concat_kv_bytes_grow_with_the_sequence(model_dirs):
     assert res.stats.kv_cache_bytes == eng.spec.kv_bytes_per_token * (len(PROMPTS[0]) + 5)
 
 
-def test_longrope_crossing_reprefills_on_the_device_state(model_dirs, monkeypatch):
+@pytest.mark.parametrize("offset", [10, 0])
+def test_longrope_crossing_reprefills_on_the_device_state(model_dirs, monkeypatch, offset):
+    """offset 0: the prompt ends exactly at the switch, so the first decode step already crosses
+    (the one-step-ahead loop must not take such a request)."""
     import dataclasses
 
     cpu = engine.Engine(model_dirs["gqa-fp32"], max_length=MAX_LENGTH)
     dev = _device_engine(model_dirs["gqa-fp32"], graph=True)
     want = cpu.generate(PROMPTS[0], max_new_tokens=30).token_ids
-    dev.spec = dataclasses.replace(dev.spec, rope_switch_length=len(PROMPTS[0]) + 10)
+    dev.spec = dataclasses.replace(dev.spec, rope_switch_length=len(PROMPTS[0]) + offset)
     calls = []
     prefill = dev._state.prefill
     monkeypatch.setattr(dev._state, "prefill", lambda ids: calls.append(ids.shape[1]) or prefill(ids))
     assert dev.generate(PROMPTS[0], max_new_tokens=30).token_ids == want
     # at length == switch the whole sequence so far (cache + the token just chosen) runs again
-    assert calls == [len(PROMPTS[0]), len(PROMPTS[0]) + 11]
+    assert calls == [len(PROMPTS[0]), len(PROMPTS[0]) + offset + 1]
 
 
 # ------------------------------------------------------------------------------------------
