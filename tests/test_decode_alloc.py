@@ -8,6 +8,9 @@ the logits would be 128 KB:
    array/OrtValue constructors or host copies may appear;
 2. tracemalloc over numpy's own allocation domain: no numpy data buffer is allocated;
 3. tracemalloc's peak over 200 steps stays far below the size of one logits row.
+
+The same checks cover the batched step and the CUDA path's one-step-ahead step (DeviceStepState and
+DeviceSampler over NumpyOps, the code a GPU runs with CupyOps).
 """
 
 from __future__ import annotations
@@ -176,3 +179,44 @@ def test_batch_decode_step_allocates_nothing(batch_eng):
     assert peak < VOCAB * 4 // 8, f"peak grew by {peak} bytes over 150 steps"
     # the finished row stopped growing; the others count every step
     assert st.lengths[:3].tolist() == [3 + 172, 5 + 2, 1 + 172]
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA path's step, one step ahead (Engine._steps_ahead), over NumpyOps: the same state and
+# sampler code as on a GPU, where the per-step copy is the ids' download into a page-locked slot
+
+
+@pytest.fixture(scope="module")
+def device_eng(tmp_path_factory):
+    from engine.cuda import DeviceSampler, DeviceStepState, NumpyOps
+
+    spec = SyntheticSpec(layout="gqa", vocab=VOCAB, seed=21)
+    model_dir = cached_model(spec, tmp_path_factory.mktemp("alloc-device"))
+    e = engine.Engine(model_dir, max_length=256)
+    ops = NumpyOps()
+    # without graphs: the step binds the mask view of its width, a call the audit below can see
+    st = DeviceStepState(e.session, e.spec, ops, max_length=256, last_token_logits=e.last_token_logits, graph=False)
+    e._state = st
+    e._sampler = DeviceSampler(ops, batch=1, vocab_size=VOCAB, logits_dtype=e.spec.logits.dtype, host_ids=st.host_ids)
+    e.generate([1, 2, 3], max_new_tokens=8)  # warm-up, through the one-step-ahead loop
+    return e
+
+
+def _ahead_steps(st, sampler, n):
+    for i in range(n):
+        sampler.enqueue(st.decode_one_token(), st.next_ids, i & 1)
+        sampler.wait(i & 1)
+
+
+def test_device_step_ahead_allocates_nothing(device_eng):
+    st, sampler = device_eng._state, device_eng._sampler
+    sampler.reset(engine.SamplingParams(), [[1, 2, 3, 4]])
+    assert sampler.on_device
+    sampler.enqueue(st.prefill(np.asarray([[1, 2, 3, 4]], dtype=np.int64)), st.next_ids, 0)
+    _ahead_steps(st, sampler, 2)
+    called = _c_calls(lambda: _ahead_steps(st, sampler, 20))
+    assert "bind_input" in called  # the audit sees the step's C calls (the mask view's binding)
+    assert not (called & FORBIDDEN), sorted(called & FORBIDDEN)
+    grown, peak = _numpy_growth_and_peak(lambda: _ahead_steps(st, sampler, 150))
+    assert not grown, grown[:3]
+    assert peak < VOCAB * 4 // 8, f"peak grew by {peak} bytes over 150 steps"
