@@ -629,7 +629,8 @@ class DeviceStepState:
     def release(self) -> None:
         """Let go of every bound value while the session is still alive: tensors ORT allocated on the
         device (the concat layouts' presents) must go back to its arena before the session that owns
-        it is destroyed. Called by ``Engine.close()`` and when the state is collected."""
+        it is destroyed. Called by ``Engine.close()`` and when the state is collected; the state is
+        unusable afterwards (nothing is bound)."""
         if getattr(self, "_released", True):
             return
         self._released = True
@@ -889,7 +890,7 @@ def create_cuda_runtime(
             f"layout, -p fp16 or -p int4 -e cuda); this model's KV layout is {spec.layout.value}: freeing such "
             "a CUDA engine aborted the process in a device test, so it is refused; use provider='cpu' for it"
         )
-    if spec.layout is KVLayout.GQA_SHARED and not gqa_runs_on_cuda(spec):
+    if not gqa_runs_on_cuda(spec):
         # ORT places such a GroupQueryAttention on the CPU EP behind Memcpy nodes; its present output
         # is then a host copy, not the device buffer bound as past, so the shared KV cache loses the
         # earlier rows (seen on an H100 with onnxruntime-gpu 1.31: wrong tokens from the first decode step)

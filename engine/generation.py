@@ -454,7 +454,8 @@ class Engine:
         logprobs: list[float] = []
         top: list[dict[int, float]] = []
         sampler.reset(req.params, [req.prompt_ids])
-        crosses = switch is not None and len(req.prompt_ids) <= switch < len(req.prompt_ids) + req.max_new_tokens
+        # the decode steps run at lengths P .. P + max_new_tokens - 2; one at the switch re-prefills
+        crosses = switch is not None and len(req.prompt_ids) <= switch <= len(req.prompt_ids) + req.max_new_tokens - 2
         if self._lookahead and getattr(sampler, "on_device", False) and not want_logprobs and not crosses:
             yield from self._steps_ahead(req, stream)
             return
@@ -504,7 +505,9 @@ class Engine:
         so the GPU works while the host handles a token (stop checks, text, the caller's
         stream). The ids alternate between two page-locked slots. When token ``n`` ends the request
         (EOS, a stop string) the step enqueued after it is dropped: its KV row lies past the
-        request's end, and the next request's prompt overwrites it."""
+        request's end, and the next request's prompt overwrites it. The first token is waited for
+        before step 1 is queued, so the time to first token does not include queueing a step (without
+        CUDA graphs that is ORT launching every kernel from the host)."""
         st, sampler, out = self._state, self._sampler, self._out_ids[0]
         eos = self.eos_token_ids
         limit = req.max_new_tokens
@@ -514,11 +517,15 @@ class Engine:
         n = 0
         finish = "length"
         while True:
-            if n + 1 < limit:  # token n + 1 may be wanted: enqueue its step now
-                sampler.enqueue(st.decode_one_token(), st.next_ids, (n + 1) & 1)
-            tok = int(sampler.wait(n & 1)[0])
             if n == 0:
+                tok = int(sampler.wait(0)[0])
                 t_first = time.perf_counter()
+                if limit > 1:
+                    sampler.enqueue(st.decode_one_token(), st.next_ids, 1)
+            else:
+                if n + 1 < limit:  # token n + 1 may be wanted: enqueue its step now
+                    sampler.enqueue(st.decode_one_token(), st.next_ids, (n + 1) & 1)
+                tok = int(sampler.wait(n & 1)[0])
             out[n] = tok
             n += 1
             last = n >= limit

@@ -11,13 +11,14 @@ head size never launches, so that both packages fit in one call (about 52 MiB):
 How the library is thinned, without changing its layout (every offset stays valid):
 
 * ``.nv_fatbin`` holds one fatbin container per compiled source file, each with one entry per
-  architecture (header: kind, header size, payload size, ..., arch). An entry for another
-  architecture is zero-filled: the driver never picks it (a cubin runs only on its own major
-  architecture) and zeros compress to nothing.
+  architecture (header: kind, header size, payload size, ..., arch). An entry the target GPU
+  cannot run is zero-filled: the driver never picks it (a cubin runs only on GPUs of its major
+  version and at least its minor one) and zeros compress to nothing.
 * Of the target architecture's entries (zstd-compressed cubins), those whose every kernel is a MoE
   GEMM or a flash-attention kernel for another head size are zero-filled too, and relabelled to
   another architecture so the driver never reads them. A model that needs one of those kernels
-  fails with "no kernel image is available": build a bundle with ``--head-size`` for it.
+  fails with "no kernel image is available" (or JIT-compiles it, slowly, where the library carries
+  PTX for it; onnxruntime-gpu 1.31.1 carries none): build a bundle with ``--head-size`` for it.
 * The TensorRT provider library is left out.
 
 Needs ``zstd`` on PATH (to read kernel names) and pip. Reads no machine-specific path.
@@ -103,10 +104,11 @@ def thin(library: Path, arch: int, head_size: int) -> tuple[int, int]:
     data = bytearray(library.read_bytes())
     zeroed = 0
     for header, payload_at, size, kind, entry_arch in list(_entries(data)):
-        keep = (kind == 2 and entry_arch == arch) or (kind == 1 and entry_arch <= arch)
+        runs_here = entry_arch // 10 == arch // 10 and entry_arch <= arch  # a cubin: same major, minor <= ours
+        keep = (kind == 2 and runs_here) or (kind == 1 and entry_arch <= arch)
         if keep and kind == 2 and _unused(_kernel_names(bytes(data[payload_at : payload_at + size])), head_size):
             keep = False
-            struct.pack_into("<I", data, header + 28, arch - 10)  # relabel: the driver never reads it
+            struct.pack_into("<I", data, header + 28, (arch // 10 - 1) * 10)  # relabel: an older major, never read
         if not keep:
             data[payload_at : payload_at + size] = bytes(size)
             zeroed += size
