@@ -62,26 +62,41 @@ class ModelChoice:
     note: str = ""
 
 
-def phi4_model(layers: int, vocab: int, context_length: int = DEFAULT_CONTEXT) -> ModelChoice:
-    """The synthetic Phi-4-mini-shaped INT4 model, built once into perf/models/."""
+def phi4_model(layers: int, vocab: int, context_length: int = DEFAULT_CONTEXT, dtype: str = "float32") -> ModelChoice:
+    """The synthetic Phi-4-mini-shaped INT4 model, built once into perf/models/ (``dtype``: its
+    activations, KV and logits; the name is the same for both, the provider column tells them apart)."""
     from engine.testing.synthetic import cached_model, phi4_mini_spec
 
-    spec = phi4_mini_spec(layers=layers, vocab=vocab, context_length=context_length, quant="int4")
+    spec = phi4_mini_spec(layers=layers, vocab=vocab, context_length=context_length, quant="int4", dtype=dtype)
     path = cached_model(spec, MODELS_DIR)
-    return ModelChoice(f"phi4mini-int4-L{layers}-V{vocab}", path, "synthetic, random weights")
+    return ModelChoice(f"phi4mini-int4-L{layers}-V{vocab}", path, f"synthetic, random weights, {dtype}")
 
 
-def tiny_model() -> ModelChoice:
-    """stories260k from ../shared when present, else a small synthetic GQA fp32 model."""
-    if (STORIES / "genai_config.json").is_file():
+def tiny_model(dtype: str = "float32") -> ModelChoice:
+    """stories260k from ../shared when present (float32 only), else a small synthetic GQA model."""
+    if dtype == "float32" and (STORIES / "genai_config.json").is_file():
         return ModelChoice("stories260k", STORIES, "real 260K-param Llama, GQA fp32")
     from engine.testing.synthetic import SyntheticSpec, cached_model
 
     spec = SyntheticSpec(
-        layout="gqa", quant="fp32", layers=5, hidden=64, heads=4, kv_heads=2, head_size=16,
+        layout="gqa", quant="fp32", dtype=dtype, layers=5, hidden=64, heads=4, kv_heads=2, head_size=16,
         intermediate=192, vocab=512, context_length=512,
     )  # fmt: skip
-    return ModelChoice("tiny-gqa-fp32", cached_model(spec, MODELS_DIR), "synthetic, ../shared absent")
+    return ModelChoice("tiny-gqa", cached_model(spec, MODELS_DIR), f"synthetic, {dtype}")
+
+
+def cuda_twin(model: ModelChoice, args) -> ModelChoice | None:
+    """The model the CUDA sweep runs in place of ``model``: the float16 twin of a built-in synthetic
+    model (same shapes and seed; ORT's CUDA GroupQueryAttention takes float16, and the engine
+    refuses float32 GQA on CUDA), ``model`` itself for a ``--model`` folder, None for stories260k
+    (a real float32 model with no float16 twin)."""
+    if model.name.startswith("phi4mini-"):
+        return phi4_model(args.layers, args.vocab, args.context, dtype="float16")
+    if model.name == "tiny-gqa":
+        return tiny_model("float16")
+    if model.name == "stories260k":
+        return None
+    return model
 
 
 def bytes_read_per_token(spec: ModelSpec) -> int:

@@ -44,6 +44,7 @@ from .common import (
     Runner,
     Sample,
     bytes_read_per_token,
+    cuda_twin,
     genai_available,
     host_name,
     memory_bandwidth,
@@ -528,7 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True) as bar:
         for m in models:
             for prov in providers:
-                r, info = run_model(m, prov, args, bar, log)
+                target = m if prov == "cpu" or args.model else cuda_twin(m, args)
+                if target is None:
+                    log.append(f"{m.name} on {prov}: skipped (a float32 GQA model, which the engine refuses on CUDA)")
+                    continue
+                if target is not m:
+                    log.append(f"{m.name} on {prov}: its float16 twin ({target.note}), same shapes and seed")
+                r, info = run_model(target, prov, args, bar, log)
                 rows.extend(r)
                 infos.append(info)
             if len(batches) > 1 and "cpu" in providers and "engine" in wanted:

@@ -439,3 +439,22 @@ def test_cuda_check_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
     assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_make_perf_runs_float16_twins_on_cuda(tmp_path, monkeypatch):
+    """make perf's CUDA sweep: built-in synthetic models run as their float16 twins (same shapes),
+    which provider='cuda' takes; stories260k (float32, no twin) is skipped; a --model folder runs as is."""
+    import argparse
+
+    import perf.common
+    from perf.common import ModelChoice, cuda_twin, phi4_model
+
+    monkeypatch.setattr(perf.common, "MODELS_DIR", tmp_path)  # build the small models here
+    args = argparse.Namespace(layers=1, vocab=512, context=256)
+    assert cuda_twin(ModelChoice("stories260k", tmp_path), args) is None
+    assert cuda_twin(ModelChoice("mine", tmp_path), args).path == tmp_path
+    for model in (ModelChoice("tiny-gqa", tmp_path), phi4_model(1, 512, 256)):
+        twin = cuda_twin(model, args)
+        assert twin.name == model.name
+        spec = engine.Engine(twin.path, max_length=32).spec
+        assert spec.layout is KVLayout.GQA_SHARED and cuda.gqa_runs_on_cuda(spec)
