@@ -465,27 +465,17 @@ class Engine:
         sampler.sample(logits, st.next_ids)
         t_first = time.perf_counter()
         n = 0
-        finish = "length"
         while True:
             tok = int(host_ids[0])
             out[n] = tok
             n += 1
-            last = False
-            if tok in eos:
-                finish, last = "eos", True
-            elif n >= req.max_new_tokens:
-                last = True
+            finish, last, piece = self._token_end(req, tok, n, eos)
             if want_logprobs:
                 logprobs.append(float(sampler.logprobs[0]))
                 k = req.params.logprobs or 0
                 top.append(_top_logprobs(sampler, 0, k))
-            if req.detok is not None:
-                piece, stopped = self._text_of(req, tok, last)
-                if stopped:
-                    finish, last = "stop", True
-                req.pieces.append(piece)
-                if stream:
-                    yield StreamChunk(piece, tok, finish if last else None, logprobs[-1] if want_logprobs else None)
+            if stream and piece is not None:
+                yield StreamChunk(piece, tok, finish if last else None, logprobs[-1] if want_logprobs else None)
             if last:
                 break
             if st.length == switch:
@@ -515,7 +505,6 @@ class Engine:
         sampler.enqueue(st.prefill(req.prompt_ids[None, :]), st.next_ids, 0)
         t_first = 0.0
         n = 0
-        finish = "length"
         while True:
             if n == 0:
                 tok = int(sampler.wait(0)[0])
@@ -528,16 +517,9 @@ class Engine:
                 tok = int(sampler.wait(n & 1)[0])
             out[n] = tok
             n += 1
-            last = n >= limit
-            if tok in eos:
-                finish, last = "eos", True
-            if req.detok is not None:
-                piece, stopped = self._text_of(req, tok, last)
-                if stopped:
-                    finish, last = "stop", True
-                req.pieces.append(piece)
-                if stream:
-                    yield StreamChunk(piece, tok, finish if last else None, None)
+            finish, last, piece = self._token_end(req, tok, n, eos)
+            if stream and piece is not None:
+                yield StreamChunk(piece, tok, finish if last else None, None)
             if last:
                 break
         t_end = time.perf_counter()
@@ -804,6 +786,21 @@ class Engine:
             logprobs=logprobs,
             top_logprobs=top if logprobs is not None else None,
         )
+
+    def _token_end(self, req: _Request, tok: int, n: int, eos: frozenset[int]) -> tuple[str, bool, str | None]:
+        """After ``tok``, the request's ``n``-th new token: ``(finish reason so far, whether it ends
+        the request, its text piece)``. The piece (None without a detokenizer) is appended to
+        ``req.pieces``; stop strings are matched in it. Shared by both single-request loops."""
+        finish, last = "length", n >= req.max_new_tokens
+        if tok in eos:
+            finish, last = "eos", True
+        piece = None
+        if req.detok is not None:
+            piece, stopped = self._text_of(req, tok, last)
+            if stopped:
+                finish, last = "stop", True
+            req.pieces.append(piece)
+        return finish, last, piece
 
     @staticmethod
     def _text_of(req: _Request, tok: int, last: bool) -> tuple[str, bool]:
