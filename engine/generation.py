@@ -41,8 +41,8 @@ from .graph import load_for_generation
 from .kv_cache import kv_cache_bytes_needed
 from .providers import CUDA_EP, SessionConfig, create_session, proc_kib_field, resolve_provider, session_options
 from .sampling import Sampler, SamplingParams
-from .stopping import StopStringMatcher
-from .tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from .text import IncrementalDetokenizer, StopStringMatcher
+from .tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from .cuda import DeviceSampler, DeviceStepState

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import InvalidRequestError, ModelFileNotFoundError, ModelLoadError
+from engine.text import IncrementalDetokenizer
 from engine.tokenizer import (
     HFTokenizer,
-    IncrementalDetokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,

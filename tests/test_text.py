@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import InvalidRequestError
-from engine.stopping import StopStringMatcher
+from engine.text import StopStringMatcher
 
 
 def reference(text: str, stops: list[str]) -> tuple[str, bool]:
