@@ -11,13 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from engine.testing import synthetic
+from engine.testing import reference, synthetic
+from engine.testing.reference import reference_logits
 from engine.testing.synthetic import (
     SyntheticSpec,
     build_model,
     cached_model,
     phi4_mini_spec,
-    reference_logits,
 )
 
 GQA = SyntheticSpec(layout="gqa")
@@ -122,7 +122,7 @@ def test_same_seed_gives_identical_files_and_other_seed_other_weights(tmp_path) 
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "model.onnx").read_bytes() != (c / "model.onnx").read_bytes()
-    weights = synthetic._RefWeights(a, GQA), synthetic._RefWeights(c, GQA)
+    weights = reference._RefWeights(a, GQA), reference._RefWeights(c, GQA)
     for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"):
         assert weights[0].dense(name).shape == weights[1].dense(name).shape
         assert not np.allclose(weights[0].dense(name), weights[1].dense(name)), name
