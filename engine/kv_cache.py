@@ -15,16 +15,11 @@ buffers bound by pointer).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnxruntime as ort
 
 from .config import KVLayout, ModelSpec
-
-if TYPE_CHECKING:
-    from .binding import FastBinding
-
+from .iobinding import FastBinding
 
 _MAX_ROW_RANGES = 64  # row ranges whose OrtValues are kept for reuse
 

@@ -11,7 +11,7 @@ The CPU defaults were chosen by measurement (docs/providers.md has the figures a
 
 On CUDA the CPU EP only runs the few nodes CUDA lacks (shape arithmetic), so one intra-op thread
 without spinning is the default there; :func:`cuda_provider_options` holds the CUDA EP options
-(engine/cuda.py uses them, docs/providers.md explains each).
+(engine/cuda/runtime.py uses them, docs/providers.md explains each).
 """
 
 from __future__ import annotations

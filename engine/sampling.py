@@ -527,6 +527,12 @@ class Sampler:
         else:
             self._sample = self._sample_numpy
 
+    @property
+    def on_device(self) -> bool:
+        """False: the ids are chosen on the host (the device sampler's twin property says whether a
+        decode loop may run one step ahead)."""
+        return False
+
     def reset(self, params: SamplingParams | Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]]) -> None:
         """Start a request: one row per prompt; ``params`` shared by all rows or one per row.
 

@@ -1,4 +1,4 @@
-"""The CUDA path's logic on any machine: engine/cuda.py's step state and sampler over NumpyOps.
+"""The CUDA path's logic on any machine: engine/cuda/'s step state and sampler over NumpyOps.
 
 NumpyOps is the reference device (host memory, ORT device "cpu"), so DeviceStepState and
 DeviceSampler run on a CPU session exactly as they run on a GPU with CupyOps: the same pointer
@@ -139,6 +139,22 @@ def test_release_lets_go_of_bound_values_before_the_session(model_dirs, name):
     dev.close()
     with pytest.raises(InvalidRequestError, match="closed"):
         dev.generate(PROMPTS[0], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["concat-fp32", "gqa-fp32"])
+def test_cpu_state_and_sampler_answer_as_the_device_ones(model_dirs, name):
+    """The CPU StepState has release() and the CPU Sampler on_device, so callers need no probes."""
+    eng = engine.Engine(model_dirs[name], max_length=MAX_LENGTH)
+    eng.generate(PROMPTS[0], max_new_tokens=4)
+    assert eng._sampler.on_device is False
+    state = eng._state
+    assert len(state.io.get_outputs()) > 0
+    state.release()
+    assert len(state.io.get_outputs()) == 0
+    state.release()  # twice: nothing
+    eng.close()
+    with pytest.raises(InvalidRequestError, match="closed"):
+        eng.generate(PROMPTS[0], max_new_tokens=2)
 
 
 def test_static_mask_zeros_past_the_valid_length(model_dirs):
@@ -364,7 +380,7 @@ def test_resolve_cuda_graph(model_dirs):
 
 @pytest.mark.parametrize(("name", "match"), [("gqa-fp32", "float16 only"), ("concat-fp16", "share-buffer models only")])
 def test_models_refused_on_cuda(model_dirs, name, match):
-    """Refused before cupy or a session is touched (engine/cuda.py says what a GPU showed)."""
+    """Refused before cupy or a session is touched (engine/cuda/runtime.py says what a GPU showed)."""
     spec = engine.Engine(model_dirs[name], max_length=MAX_LENGTH).spec
     with pytest.raises(ProviderError, match=match):
         cuda.create_cuda_runtime(
