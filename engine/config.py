@@ -11,6 +11,11 @@ Two kinds of folder are read:
 
 The spec is checked against the graph itself: every configured input and output must exist, the
 KV head count and head size must match the graph, and the KV layout is detected from the graph.
+
+The decoder ONNX file is parsed once per load, here (external weights are not read). The parsed
+proto rides along in the spec for :func:`engine.graph.load_for_generation`, which takes it once
+(:meth:`ModelSpec.take_graph`); a model with inline weights holds them all in that proto, so it is
+not kept after that.
 """
 
 from __future__ import annotations
@@ -63,6 +68,19 @@ class TensorInfo:
     dtype: np.dtype
 
 
+class _GraphSlot:
+    """Holds the parsed decoder proto until :meth:`ModelSpec.take_graph` hands it over, once."""
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: onnx.ModelProto | None = None) -> None:
+        self._proto = proto
+
+    def take(self) -> onnx.ModelProto | None:
+        proto, self._proto = self._proto, None
+        return proto
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the engine needs to know about a decoder model, read from its folder."""
@@ -93,13 +111,20 @@ class ModelSpec:
     session_options: Mapping[str, Any] = field(default_factory=dict)
     has_genai_config: bool = False
     has_external_data: bool = False
-    weight_bytes: int = 0  # bytes of all initializers (what one decode step reads)
+    weight_bytes: int = 0  # bytes of all initializers
+    step_read_bytes: int = 0  # weight bytes one decode step reads: a table only gathered from counts one row
     rope_switch_length: int | None = None  # LongRoPE: past this total length the KV cache is recomputed
+    graph: _GraphSlot = field(default_factory=_GraphSlot, repr=False, compare=False)  # see take_graph
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token takes for one sequence (all layers, K and V)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.kv_dtype.itemsize
+
+    def take_graph(self) -> onnx.ModelProto | None:
+        """The decoder's ModelProto as :func:`load_model_spec` parsed it (external weights not
+        loaded), for the caller to edit; None once taken (the caller then reads ``model_path``)."""
+        return self.graph.take()
 
     def kv_shape(self, batch: int, length: int) -> tuple[int, ...]:
         """Shape of one past/present tensor for ``batch`` sequences of ``length`` tokens."""
@@ -181,12 +206,47 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
 
 @dataclass
 class _Graph:
+    """What the spec needs from the parsed decoder graph, and the proto itself (see _GraphSlot)."""
+
+    proto: onnx.ModelProto
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]
     op_types: set[str]
     external: bool
     weight_bytes: int
+    step_read_bytes: int
     rope_switch_length: int | None = None
+
+
+@dataclass
+class _Declared:
+    """What a folder's config files declare about the decoder (for an Optimum export, partly read
+    from the graph), before :func:`_finish_spec` checks it against the graph."""
+
+    model_dir: Path
+    model_path: Path
+    cfg_path: Path  # the file that errors about these values name
+    model_type: str
+    n_layers: int
+    n_heads: int | None
+    kv_heads: int
+    head_size: int
+    hidden: int | None
+    vocab: int | None
+    context: int
+    bos: int | None
+    eos: tuple[int, ...]
+    pad: int | None
+    ids_name: str
+    mask_name: str
+    pos_name: str
+    logits_name: str
+    past: Sequence[str]
+    present: Sequence[str]
+    combined: bool
+    search: Mapping[str, Any] = field(default_factory=dict)
+    session_options: Mapping[str, Any] = field(default_factory=dict)
+    has_genai: bool = False
 
 
 def _initializer_bytes(t: onnx.TensorProto) -> int:
@@ -197,6 +257,22 @@ def _initializer_bytes(t: onnx.TensorProto) -> int:
         return len(t.raw_data)
     itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     return int(math.prod(t.dims)) * itemsize
+
+
+def _step_read_bytes(g: onnx.GraphProto, sizes: Mapping[str, int]) -> int:
+    """Initializer bytes one decode step reads: all of them, except that a table only ever gathered
+    from (the token embedding) counts one row along axis 0, not the whole table."""
+    rows = {t.name: max(int(t.dims[0]) if len(t.dims) else 1, 1) for t in g.initializer}
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in sizes:
+                uses.setdefault(name, []).append((node.op_type, i))
+    total = 0
+    for name, n in sizes.items():
+        gathered = uses.get(name) and all(op == "Gather" and i == 0 for op, i in uses[name])
+        total += n // rows[name] if gathered else n
+    return total
 
 
 def _read_graph(model_path: Path) -> _Graph:
@@ -232,12 +308,15 @@ def _read_graph(model_path: Path) -> _Graph:
                 )
     if not g.node:
         raise _err(model_path, "has an empty graph")
+    sizes = {t.name: _initializer_bytes(t) for t in g.initializer}
     return _Graph(
+        proto=model,
         inputs={vi.name: _tensor_info(vi) for vi in g.input if vi.name not in init_names},
         outputs={vi.name: _tensor_info(vi) for vi in g.output},
         op_types={n.op_type for n in g.node},
         external=external,
-        weight_bytes=sum(_initializer_bytes(t) for t in g.initializer),
+        weight_bytes=sum(sizes.values()),
+        step_read_bytes=_step_read_bytes(g, sizes),
         rope_switch_length=_rope_switch_length(g),
     )
 
@@ -375,10 +454,10 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
         context = _opt_int(search, "max_length", cfg_path, "search.")
     if context is None or context <= 0:
         raise _err(cfg_path, "needs a positive model.context_length (or search.max_length)")
-    return _finish_spec(
+    declared = _Declared(
         model_dir=model_dir,
         model_path=model_path,
-        graph=graph,
+        cfg_path=cfg_path,
         model_type=str(model.get("type", "unknown")),
         n_layers=n_layers,
         n_heads=n_heads,
@@ -390,15 +469,18 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
         bos=_opt_int(model, "bos_token_id", cfg_path, "model."),
         eos=_eos_ids(model.get("eos_token_id"), cfg_path, "model."),
         pad=_opt_int(model, "pad_token_id", cfg_path, "model."),
-        names=(ids_name, mask_name, pos_name, logits_name),
+        ids_name=ids_name,
+        mask_name=mask_name,
+        pos_name=pos_name,
+        logits_name=logits_name,
         past=past,
         present=present,
         combined=combined,
         search=search,
         session_options=dec.get("session_options") or {},
         has_genai=True,
-        cfg_path=cfg_path,
     )
+    return _finish_spec(declared, graph)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,10 +519,10 @@ def _spec_from_optimum(model_dir: Path) -> ModelSpec:
             hf.update(_read_json(model_dir / name))
     cfg_path = model_dir / "config.json"
     context = hf.get("max_position_embeddings") or hf.get("n_positions") or hf.get("max_length") or 2048
-    return _finish_spec(
+    declared = _Declared(
         model_dir=model_dir,
         model_path=model_path,
-        graph=graph,
+        cfg_path=model_path,
         model_type=str(hf.get("model_type", "unknown")),
         n_layers=n_layers,
         n_heads=hf.get("num_attention_heads"),
@@ -452,51 +534,31 @@ def _spec_from_optimum(model_dir: Path) -> ModelSpec:
         bos=hf.get("bos_token_id"),
         eos=_eos_ids(hf.get("eos_token_id"), cfg_path, ""),
         pad=hf.get("pad_token_id"),
-        names=("input_ids", "attention_mask", "position_ids", "logits"),
+        ids_name="input_ids",
+        mask_name="attention_mask",
+        pos_name="position_ids",
+        logits_name="logits",
         past=past,
         present=present,
         combined=False,
-        search={},
-        session_options={},
-        has_genai=False,
-        cfg_path=model_path,
     )
+    return _finish_spec(declared, graph)
 
 
 # --------------------------------------------------------------------------------------------
 # shared checks
 
 
-def _finish_spec(
-    *,
-    model_dir: Path,
-    model_path: Path,
-    graph: _Graph,
-    model_type: str,
-    n_layers: int,
-    n_heads: int | None,
-    kv_heads: int,
-    head_size: int,
-    hidden: int | None,
-    vocab: int | None,
-    context: int,
-    bos: int | None,
-    eos: tuple[int, ...],
-    pad: int | None,
-    names: tuple[str, str, str, str],
-    past: Sequence[str],
-    present: Sequence[str],
-    combined: bool,
-    search: Mapping[str, Any],
-    session_options: Mapping[str, Any],
-    has_genai: bool,
-    cfg_path: Path,
-) -> ModelSpec:
-    ids_name, mask_name, pos_name, logits_name = names
+def _finish_spec(declared: _Declared, graph: _Graph) -> ModelSpec:
+    """Check what the config declares against the graph; detect the KV layout; build the spec."""
+    d = declared
+    model_path, cfg_path, past, combined = d.model_path, d.cfg_path, d.past, d.combined
+    ids_name, mask_name, pos_name, logits_name = d.ids_name, d.mask_name, d.pos_name, d.logits_name
+    kv_heads, head_size, vocab = d.kv_heads, d.head_size, d.vocab
     _check_names([ids_name], graph.inputs, "input", model_path)
     _check_names([logits_name], graph.outputs, "output", model_path)
     _check_names(past, graph.inputs, "past KV input", model_path)
-    _check_names(present, graph.outputs, "present KV output", model_path)
+    _check_names(d.present, graph.outputs, "present KV output", model_path)
 
     ids = graph.inputs[ids_name]
     if ids.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
@@ -551,39 +613,41 @@ def _finish_spec(
                 f"{model_path}: graph input '{info.name}' {info.shape} is not one the engine knows how to feed "
                 "(input_ids, attention_mask, position_ids, past KV, use_cache_branch)"
             )
-    for tid in (bos, pad, *eos):
+    for tid in (d.bos, d.pad, *d.eos):
         if tid is not None and not 0 <= tid < vocab:
             raise _err(cfg_path, f"special token id {tid} is outside the vocabulary [0, {vocab})")
 
     return ModelSpec(
-        model_dir=model_dir,
+        model_dir=d.model_dir,
         model_path=model_path,
-        model_type=model_type,
+        model_type=d.model_type,
         layout=layout,
-        num_layers=n_layers,
-        num_heads=n_heads,
+        num_layers=d.n_layers,
+        num_heads=d.n_heads,
         num_kv_heads=kv_heads,
         head_size=head_size,
-        hidden_size=hidden,
+        hidden_size=d.hidden,
         vocab_size=int(vocab),
-        context_length=int(context),
-        bos_token_id=bos,
-        eos_token_ids=eos,
-        pad_token_id=pad,
+        context_length=int(d.context),
+        bos_token_id=d.bos,
+        eos_token_ids=d.eos,
+        pad_token_id=d.pad,
         kv_dtype=kv_dtype,
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
         logits=logits,
         past_names=tuple(past),
-        present_names=tuple(present),
+        present_names=tuple(d.present),
         extra_inputs=extra,
-        search=dict(search),
-        session_options=dict(session_options),
-        has_genai_config=has_genai,
+        search=dict(d.search),
+        session_options=dict(d.session_options),
+        has_genai_config=d.has_genai,
         has_external_data=graph.external,
         weight_bytes=graph.weight_bytes,
+        step_read_bytes=graph.step_read_bytes,
         rope_switch_length=graph.rope_switch_length if layout is KVLayout.GQA_SHARED else None,
+        graph=_GraphSlot(graph.proto),
     )
 
 

@@ -247,7 +247,7 @@ class Engine:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
         so = session_options(config, spec.weight_bytes, spec.session_options, provider=self.provider)
-        model, edited = load_for_generation(spec.model_path, spec.logits.name, last_token_logits)
+        model, edited = load_for_generation(spec, last_token_logits)
         if edited and spec.has_external_data:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(spec.model_dir))
         self.threads = so.intra_op_num_threads

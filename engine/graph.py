@@ -9,11 +9,11 @@ and a 400 MB logits tensor. Each row of a MatMul is independent, so the last row
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .config import ModelSpec
 
 # ops allowed between the LM head MatMul and the logits output (element-wise, position-wise)
 _PASS_THROUGH = {"Cast", "Add", "Mul", "Div", "Tanh", "Identity", "Sub"}
@@ -71,14 +71,21 @@ def slice_logits_to_last_token(model: onnx.ModelProto, logits_name: str) -> bool
     return True
 
 
-def load_for_generation(model_path: Path, logits_name: str, last_token_logits: bool) -> tuple[bytes | str, bool]:
-    """The model to hand to InferenceSession: serialized bytes of the edited graph (external weights
-    stay where they are), or the path itself when no edit applies. Returns (model, edited)."""
+def load_for_generation(spec: ModelSpec, last_token_logits: bool) -> tuple[bytes | str, bool]:
+    """The model to hand to InferenceSession, and whether its graph was edited: serialized bytes of
+    the edited graph (external weights stay where they are), or the path itself when no edit applies.
+
+    The graph is the one :func:`~engine.config.load_model_spec` parsed (taken from the spec, which
+    then no longer holds it); it is read from ``spec.model_path`` again only if already taken.
+    """
+    model = spec.take_graph()
+    path = str(spec.model_path)
     if not last_token_logits:
-        return str(model_path), False
-    model = onnx.load(str(model_path), load_external_data=False)
+        return path, False
+    if model is None:
+        model = onnx.load(path, load_external_data=False)
     if model.ByteSize() > 1_800_000_000:  # protobuf's 2 GB cap: leave big embedded-weight models alone
-        return str(model_path), False
-    if not slice_logits_to_last_token(model, logits_name):
-        return str(model_path), False
+        return path, False
+    if not slice_logits_to_last_token(model, spec.logits.name):
+        return path, False
     return model.SerializeToString(), True

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from engine.config import ModelSpec
 from engine.providers import physical_cores
@@ -97,31 +96,6 @@ def cuda_twin(model: ModelChoice, args) -> ModelChoice | None:
     if model.name == "stories260k":
         return None
     return model
-
-
-def bytes_read_per_token(spec: ModelSpec) -> int:
-    """Weight bytes one decode step reads: all initializers, except that a table only ever
-    gathered from (the token embedding) counts one row, not the whole table."""
-    model = onnx.load(str(spec.model_path), load_external_data=False)
-    g = model.graph
-    sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, bytes of one row along axis 0)
-    for t in g.initializer:
-        n = next((int(e.value) for e in t.external_data if e.key == "length"), None)
-        if n is None:
-            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            n = len(t.raw_data) if t.raw_data else int(np.prod(t.dims)) * item
-        rows = int(t.dims[0]) if len(t.dims) else 1
-        sizes[t.name] = (n, n // max(rows, 1))
-    uses: dict[str, list[tuple[str, int]]] = {}
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            if name in sizes:
-                uses.setdefault(name, []).append((node.op_type, i))
-    total = 0
-    for name, (n, row) in sizes.items():
-        gathered = uses.get(name) and all(op == "Gather" and i == 0 for op, i in uses[name])
-        total += row if gathered else n
-    return total
 
 
 # ------------------------------------------------------------------------------------------------

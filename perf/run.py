@@ -43,7 +43,6 @@ from .common import (
     PlainRunner,
     Runner,
     Sample,
-    bytes_read_per_token,
     cuda_twin,
     genai_available,
     host_name,
@@ -267,7 +266,7 @@ def run_model(
         "vocab": spec.vocab_size,
         "context_length": spec.context_length,
         "weight_bytes": spec.weight_bytes,
-        "read_bytes_per_token": bytes_read_per_token(spec),
+        "read_bytes_per_token": spec.step_read_bytes,
         "kv_bytes_per_token": spec.kv_bytes_per_token,
         "cells": [asdict(c) for c in cells],
     }
