@@ -52,6 +52,8 @@ class Tokenizer:
         add_bos: whether ``encode(text, add_special_tokens=True)`` prepends ``bos_token_id``.
         special_ids: ids that ``decode(..., skip_special_tokens=True)`` drops: the tokenizer's special
             tokens plus BOS, the EOS ids and PAD.
+        config: the folder's ``tokenizer_config.json`` as :func:`load_tokenizer` read it (``{}`` when
+            absent), for the other readers of that file (the chat template), so it is read once.
     """
 
     vocab_size: int
@@ -60,6 +62,7 @@ class Tokenizer:
     pad_token_id: int | None
     add_bos: bool
     special_ids: frozenset[int]
+    config: Mapping[str, Any] = {}  # set per instance by load_tokenizer
     # Ids whose decoded text may still change while they end the sequence, because the decoder
     # validates a whole run of them at once (HF ByteFallback turns an entire run of <0xXX> pieces into
     # U+FFFD as soon as one byte in it is invalid). IncrementalDetokenizer holds such runs back.
@@ -535,5 +538,6 @@ def load_tokenizer(
     tok.pad_token_id = pad
     tok.add_bos = add_bos and bos is not None
     tok.special_ids = frozenset(getattr(tok, "_special", frozenset()) | added_special | set(extra))
+    tok.config = config
     tok._literal_texts()  # built now, so the first streamed request does not pay for it
     return tok

@@ -383,6 +383,13 @@ def test_corrupted_tokenizer_config(byte_level_dir, tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_tokenizer_keeps_the_config_it_read(byte_level_dir, tmp_path):
+    tok = load_tokenizer(byte_level_dir)
+    assert tok.config == json.loads((byte_level_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer.json").symlink_to(byte_level_dir / "tokenizer.json")
+    assert load_tokenizer(tmp_path).config == {}  # no tokenizer_config.json
+
+
 # ------------------------------------------------------------------------------------------------
 # properties: the stream equals the non-streamed text
 
