@@ -210,12 +210,6 @@ class SamplingParams:
         return cls(**values)
 
     @property
-    def is_greedy(self) -> bool:
-        """True when the token is the plain argmax of the raw logits (no sampling, penalties or bias)."""
-        sampling = self.do_sample and self.temperature >= GREEDY_TEMPERATURE and self.top_k != 1
-        return not sampling and not self._has_penalties and not self.logit_bias
-
-    @property
     def _has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
@@ -568,6 +562,14 @@ class Sampler:
         prompt = self._prompt(prompt_ids, "prompt_ids")
         self._rows = list(self._rows)
         self._configure(int(row), params, prompt, 0)
+
+    def save_row(self, row: int) -> int:
+        """The row's random state (a stream evicted between chunks resumes from it)."""
+        return int(self._rng[row])
+
+    def restore_row(self, row: int, saved: int) -> None:
+        """Put back a random state from :meth:`save_row` (after ``reset`` for the same request)."""
+        self._rng[row] = saved
 
     def _prompt(self, ids: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
         """``ids`` as a 1-D int64 array of token ids in the vocabulary (InvalidRequestError otherwise)."""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import engine
+from engine.decode import can_batch
 from engine.testing.synthetic import SyntheticSpec, cached_model
 
 from .conftest import load_reference
@@ -184,7 +185,8 @@ def test_batch_too_long_for_padding_runs_row_by_row(pair):
     batch, alone, spec = pair
     prompts = _prompts(spec, [80, 4], seed=7)
     new = [4, 80]  # each row fits max_length 96, the padded batch (80 + 80) does not
-    assert not batch._batchable([batch._prepare(p, n, None, {}, False) for p, n in zip(prompts, new, strict=True)])
+    reqs = [batch._requests.one(p, n, None, {}, text=False) for p, n in zip(prompts, new, strict=True)]
+    assert not can_batch(batch._ctx, reqs)
     results = batch.generate(prompts, max_new_tokens=new)
     assert [r.token_ids for r in results] == [
         alone.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, new, strict=True)
@@ -378,7 +380,7 @@ def test_growing_cache_without_position_ids_runs_row_by_row(tiny_gpt2, tmp_path)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34]]
     want = [original.generate(p, max_new_tokens=10).token_ids for p in prompts]
     assert [alone.generate(p, max_new_tokens=10).token_ids for p in prompts] == want  # the edit is faithful
-    assert not batch._batchable([batch._prepare(p, 10, None, {}, False) for p in prompts])
+    assert not can_batch(batch._ctx, [batch._requests.one(p, 10, None, {}, text=False) for p in prompts])
     assert [r.token_ids for r in batch.generate(prompts, max_new_tokens=10)] == want
 
 
@@ -394,7 +396,8 @@ def test_stream_batch_equals_generate_per_row(stories260k):
     want = eng.generate(prompts, **kw)
     rows: dict[int, list] = {i: [] for i in range(len(prompts))}
     order = []
-    for i, chunk in eng.stream_batch(prompts, **kw):
+    stream = eng.stream_batch(prompts, **kw)
+    for i, chunk in stream:
         rows[i].append(chunk)
         order.append(i)
     for i, res in enumerate(want):
@@ -405,7 +408,7 @@ def test_stream_batch_equals_generate_per_row(stories260k):
         assert chunks[-1].finish_reason == res.finish_reason
     # one forward pass per step: the rows still running appear once per step, in row order
     assert order[:4] == [0, 1, 2, 3]
-    assert [r.token_ids for r in eng.last_results] == [r.token_ids for r in want]
+    assert [r.token_ids for r in stream.results] == [r.token_ids for r in want]
 
 
 def test_stream_batch_fallback_rows_stream_one_after_another(pair):

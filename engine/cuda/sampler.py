@@ -179,6 +179,14 @@ class DeviceSampler:
         self.ops.wait(slot)
         return self.slots[slot]
 
+    def save_row(self, row: int) -> None:
+        """None: the device random generator's state is not kept (an evicted sampled stream cannot
+        resume; a greedy one draws nothing and can)."""
+        return None
+
+    def restore_row(self, row: int, saved: object) -> None:
+        """Nothing to restore (see :meth:`save_row`)."""
+
     def sample(self, logits: Any, out: Any, rows: int | None = None) -> None:
         """Write the next id of each row into ``out`` (device) and into ``host_ids``; one wait per call."""
         ops = self.ops
