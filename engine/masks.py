@@ -4,13 +4,9 @@ Layout. A batch of prompts is left-padded into ``width`` columns: row ``b`` hold
 tokens in the last ``lengths[b]`` columns. The mask is 0 on padding and 1 on tokens; positions count
 from the row's first token (0, 1, ...) and are 0 on padding (those columns are masked, any in-range
 value would do). Each decode step appends one column, marked 1 (0 for finished rows), writes the
-new token's position and counts it:
-
-* :func:`advance` writes into a static ``(batch, max_length)`` mask whose view of the current width
-  is bound (contiguous only for batch 1);
-* :func:`advance_packed` keeps the ``(batch, width)`` mask gap-free at the start of a flat buffer
-  (rows moved one place per row per step) so that it can be bound as is for any batch size; the
-  engine's batched decode uses it.
+new token's position and counts it: :func:`advance_packed` keeps the ``(batch, width)`` mask
+gap-free at the start of a flat buffer (rows moved one place per row per step) so that it can be
+bound as is for any batch size; the engine's batched decode uses it.
 
 Arrays are int32 or int64 (each may differ), written in place, with contiguous rows; views of wider
 buffers are fine. The compiled kernels (``engine._kernels.masks``) are used when built; otherwise
@@ -29,10 +25,8 @@ except ImportError:  # the extension is not built: the numpy reference takes ove
     _ckernels = None
 
 __all__ = [
-    "advance",
     "advance_packed",
     "prepare_left_padded",
-    "ref_advance",
     "ref_advance_packed",
     "ref_prepare_left_padded",
 ]
@@ -92,31 +86,6 @@ def ref_prepare_left_padded(
         position_ids[...] = np.maximum(cols - pad, 0)
 
 
-def ref_advance(
-    attention_mask: np.ndarray,
-    position_ids: np.ndarray | None,
-    lengths: np.ndarray,
-    finished: np.ndarray,
-    column: int = -1,
-) -> None:
-    """numpy reference of :func:`advance`."""
-    _int_array(attention_mask, "attention_mask", 2)
-    _int_array(lengths, "lengths", 1)
-    batch, width = attention_mask.shape
-    if lengths.shape[0] != batch:
-        raise ValueError(f"lengths has {lengths.shape[0]} entries for the attention_mask's {batch} rows")
-    _check_rows(finished, position_ids, batch)
-    cols = np.full(batch, column, np.int64) if column >= 0 else lengths.astype(np.int64)
-    for b, col in enumerate(cols.tolist()):
-        if not 0 <= col < width:
-            raise ValueError(
-                f"row {b}: column {col} is outside the attention mask's {width} columns "
-                f"(the sequence would exceed max_length)"
-            )
-    attention_mask[np.arange(batch), cols] = finished == 0
-    _count_rows(position_ids, lengths, finished)
-
-
 def ref_advance_packed(
     mask: np.ndarray,
     width: int,
@@ -159,21 +128,6 @@ def _numpy_prepare_left_padded(
     ref_prepare_left_padded(lengths, attention_mask, position_ids)
 
 
-def _numpy_advance(
-    attention_mask: np.ndarray,
-    position_ids: np.ndarray | None,
-    lengths: np.ndarray,
-    finished: np.ndarray,
-    column: int = -1,
-) -> None:
-    """One decode step in place: unfinished rows get mask[b, col] = 1, position lengths[b], lengths + 1.
-
-    Finished rows get mask[b, col] = 0 only. column -1: each row's column is lengths[b].
-    """
-    _warn_fallback()
-    ref_advance(attention_mask, position_ids, lengths, finished, column)
-
-
 def _numpy_advance_packed(
     mask: np.ndarray,
     width: int,
@@ -194,9 +148,7 @@ def _numpy_advance_packed(
 if _ckernels is not None:
     # the compiled functions themselves, so the decode loop pays no extra Python call
     prepare_left_padded = _ckernels.prepare_left_padded
-    advance = _ckernels.advance
     advance_packed = _ckernels.advance_packed
 else:
     prepare_left_padded = _numpy_prepare_left_padded
-    advance = _numpy_advance
     advance_packed = _numpy_advance_packed

@@ -96,19 +96,6 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """:meth:`encode` of each text (one call into the backend for the whole batch)."""
-        if isinstance(texts, str):
-            raise InvalidRequestError("encode_batch takes a sequence of strings, not one string; use encode()")
-        texts = list(texts)
-        for t in texts:
-            _check_text(t)
-        out = self._backend_encode_batch(texts)
-        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
-            for ids in out:
-                ids.insert(0, self.bos_token_id)
-        return out
-
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``. Out-of-range ids are dropped; so are special ids when ``skip_special_tokens``.
 
@@ -136,9 +123,6 @@ class Tokenizer:
 
     def _backend_encode(self, text: str) -> list[int]:
         raise NotImplementedError
-
-    def _backend_encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self._backend_encode(t) for t in texts]
 
     def _backend_decode(self, ids: list[int]) -> str:
         """Decode in-range ids; special ids in ``ids`` are written as their text."""
@@ -243,9 +227,6 @@ class HFTokenizer(Tokenizer):
 
     def _backend_encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
-
-    def _backend_encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def _backend_decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -355,11 +336,6 @@ class SentencePieceTokenizer(Tokenizer):
             elif chunk:
                 ids.extend(self._encode_chunk(chunk, after_special))
         return ids
-
-    def _backend_encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._split is None or not any(self._split.search(t) for t in texts):
-            return self._sp.encode(texts)
-        return [self._backend_encode(t) for t in texts]
 
     def _backend_decode(self, ids: list[int]) -> str:
         written = self._added_text

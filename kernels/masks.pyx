@@ -129,7 +129,7 @@ def prepare_left_padded(lengths, attention_mask, position_ids=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the per-row part shared by advance and advance_packed: positions and lengths of unfinished rows
+# advance_packed: the per-row part (positions and lengths of unfinished rows)
 
 cdef struct _Rows:
     void* lengths
@@ -178,17 +178,6 @@ cdef void _count_rows(_Rows r, Py_ssize_t batch) noexcept nogil:
         _advance_lengths(<int32_t*>r.lengths, batch, r.finished)
 
 
-# ----------------------------------------------------------------------------------------------------
-# advance
-
-cdef void _advance_mask(index_t* mask, Py_ssize_t stride, Py_ssize_t batch, const void* lengths,
-                        bint len64, const uint8_t* finished, Py_ssize_t column) noexcept nogil:
-    cdef Py_ssize_t b, col
-    for b in range(batch):
-        col = column if column >= 0 else _get(lengths, len64, b)
-        mask[b * stride + col] = 0 if finished[b] else 1
-
-
 cdef void _advance_positions(index_t* pos, Py_ssize_t stride, Py_ssize_t batch, const void* lengths,
                              bint len64, const uint8_t* finished) noexcept nogil:
     cdef Py_ssize_t b
@@ -204,43 +193,8 @@ cdef void _advance_lengths(index_t* lengths, Py_ssize_t batch, const uint8_t* fi
             lengths[b] += 1
 
 
-def advance(attention_mask, position_ids, lengths, finished, Py_ssize_t column=-1):
-    """One decode step, in place: for every row b not finished, the token fed next is counted.
-
-    attention_mask: (batch, max_length) int32/int64 with contiguous rows. position_ids: (batch, 1)
-    int32/int64 or None. lengths: (batch,) int32/int64, tokens each row holds so far (padding not
-    counted). finished: (batch,) uint8 or bool. column: the mask column of the new token; -1 (default)
-    means column lengths[b] of each row (unpadded rows); a left-padded batch passes its common width.
-
-    Unfinished rows: mask[b, col] = 1, position_ids[b, 0] = lengths[b], lengths[b] += 1. Finished rows:
-    mask[b, col] = 0, nothing else changes. Raises ValueError, writing nothing, when a column falls
-    outside the mask.
-    """
-    cdef cnp.ndarray mk = _array(attention_mask, "attention_mask", 2, True)
-    cdef cnp.ndarray ln = _array(lengths, "lengths", 1, True)
-    cdef bint mask64 = _is_int64(mk, "attention_mask")
-    cdef Py_ssize_t batch = cnp.PyArray_DIMS(mk)[0], width = cnp.PyArray_DIMS(mk)[1]
-    cdef Py_ssize_t b, col
-    if cnp.PyArray_DIMS(ln)[0] != batch:
-        raise ValueError(f"lengths has {ln.shape[0]} entries for the attention_mask's {batch} rows")
-    cdef _Rows r = _rows(ln, finished, position_ids, batch)
-    for b in range(batch):
-        col = column if column >= 0 else _get(r.lengths, r.len64, b)
-        if col < 0 or col >= width:
-            raise ValueError(f"row {b}: column {col} is outside the attention mask's {width} columns "
-                             f"(the sequence would exceed max_length)")
-    cdef void* mp = cnp.PyArray_DATA(mk)
-    cdef Py_ssize_t ms = _row_stride(mk)
-    with nogil:
-        if mask64:
-            _advance_mask(<int64_t*>mp, ms, batch, r.lengths, r.len64, r.finished, column)
-        else:
-            _advance_mask(<int32_t*>mp, ms, batch, r.lengths, r.len64, r.finished, column)
-        _count_rows(r, batch)
-
-
 # ----------------------------------------------------------------------------------------------------
-# advance_packed
+# advance_packed: the mask
 
 cdef void _relayout_append(index_t* mask, Py_ssize_t batch, Py_ssize_t width,
                            const uint8_t* finished) noexcept nogil:
@@ -262,7 +216,7 @@ def advance_packed(mask, Py_ssize_t width, position_ids, lengths, finished):
     (batch, width + 1) mask: every row keeps its columns and gains a last one, 1 for rows not
     finished and 0 for finished rows. position_ids: (batch, 1) int32/int64 or None; lengths:
     (batch,) int32/int64; finished: (batch,) uint8 or bool. Rows not finished also get
-    position_ids[b, 0] = lengths[b] and lengths[b] += 1, as in :func:`advance`.
+    position_ids[b, 0] = lengths[b] and lengths[b] += 1.
     Raises ValueError, writing nothing, on a bad argument.
     """
     cdef cnp.ndarray mk = _array(mask, "mask", 1, True)

@@ -17,18 +17,15 @@ INTS = [np.int32, np.int64]
 
 
 @pytest.fixture(params=IMPLS)
-def impl(request):
-    """(prepare_left_padded, advance) of one implementation."""
-    if request.param == "numpy":
-        return masks.ref_prepare_left_padded, masks.ref_advance
-    return masks._ckernels.prepare_left_padded, masks._ckernels.advance
+def prepare(request):
+    """prepare_left_padded of one implementation."""
+    return masks.ref_prepare_left_padded if request.param == "numpy" else masks._ckernels.prepare_left_padded
 
 
 @pytest.mark.parametrize("mask_dtype", INTS)
 @pytest.mark.parametrize("pos_dtype", INTS)
 @pytest.mark.parametrize("len_dtype", INTS)
-def test_prepare_left_padded(impl, mask_dtype, pos_dtype, len_dtype):
-    prepare, _ = impl
+def test_prepare_left_padded(prepare, mask_dtype, pos_dtype, len_dtype):
     lengths = np.array([3, 5, 0, 1], len_dtype)
     mask = np.full((4, 5), 7, mask_dtype)
     pos = np.full((4, 5), 7, pos_dtype)
@@ -39,120 +36,25 @@ def test_prepare_left_padded(impl, mask_dtype, pos_dtype, len_dtype):
 
 
 @pytest.mark.parametrize("dtype", INTS)
-def test_prepare_into_a_view_without_positions(impl, dtype):
-    prepare, _ = impl
+def test_prepare_into_a_view_without_positions(prepare, dtype):
     static = np.full((2, 8), 9, dtype)  # the engine's (batch, max_length) buffer
     prepare(np.array([1, 2], dtype), static[:, :3])
     assert static.tolist() == [[0, 0, 1, 9, 9, 9, 9, 9], [0, 1, 1, 9, 9, 9, 9, 9]]
 
 
-@pytest.mark.parametrize("mask_dtype", INTS)
-@pytest.mark.parametrize("len_dtype", INTS)
-@pytest.mark.parametrize("fin_dtype", [np.uint8, np.bool_])
-def test_advance_left_padded_batch(impl, mask_dtype, len_dtype, fin_dtype):
-    prepare, advance = impl
-    mask = np.zeros((3, 6), mask_dtype)
-    pos = np.full((3, 1), -1, mask_dtype)
-    lengths = np.array([2, 3, 1], len_dtype)
-    prepare(lengths, mask[:, :3])
-    finished = np.array([0, 1, 0], fin_dtype)
-    advance(mask, pos, lengths, finished, 3)  # the new token of every row goes to column 3
-    assert mask.tolist() == [[0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0]]
-    assert pos.ravel().tolist() == [2, -1, 1]  # position of the new token: the tokens before it
-    assert lengths.tolist() == [3, 3, 2]
-    finished[2] = 1
-    advance(mask, pos, lengths, finished, 4)
-    assert mask[:, 4].tolist() == [1, 0, 0]
-    assert pos.ravel().tolist() == [3, -1, 1] and lengths.tolist() == [4, 3, 2]
-
-
-@pytest.mark.parametrize("dtype", INTS)
-def test_advance_per_row_columns(impl, dtype):
-    _, advance = impl
-    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], dtype)
-    lengths = np.array([2, 1], dtype)
-    advance(mask, None, lengths, np.zeros(2, np.uint8))  # column -1: each row's own length
-    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    assert lengths.tolist() == [3, 2]
-
-
-@pytest.mark.parametrize("dtype", INTS)
-def test_decode_loop_matches_a_mask_built_from_scratch(impl, dtype):
-    prepare, advance = impl
-    prompt = np.array([4, 1, 3], dtype)
-    width, max_length = 4, 12
-    mask = np.zeros((3, max_length), dtype)
-    pos = np.zeros((3, 1), dtype)
-    lengths = prompt.copy()
-    prepare(lengths, mask[:, :width])
-    finished = np.zeros(3, np.uint8)
-    done_at = {1: 2, 2: 5}  # row -> step after which it finished
-    generated = np.zeros(3, int)
-    for step in range(6):
-        advance(mask, pos, lengths, finished, width + step)
-        generated += finished == 0
-        for row, last in done_at.items():
-            if step == last:
-                finished[row] = 1
-    expected = np.zeros((3, max_length), dtype)
-    for row in range(3):
-        expected[row, width - prompt[row] : width + generated[row]] = 1
-    assert np.array_equal(mask, expected)
-    assert lengths.tolist() == (prompt + generated).tolist()
-
-
 @pytest.mark.parametrize(
-    ("call", "match"),
+    ("args", "match"),
     [
-        (lambda p, a: p(np.array([6], np.int64), np.zeros((1, 5), np.int64)), "outside"),
-        (lambda p, a: p(np.array([-1], np.int64), np.zeros((1, 5), np.int64)), "outside"),
-        (lambda p, a: p(np.array([1], np.int64), np.zeros((1, 5), np.float32)), "int32 or int64"),
-        (lambda p, a: p(np.array([1, 1], np.int64), np.zeros((1, 5), np.int64)), "rows"),
-        (
-            lambda p, a: p(np.array([1], np.int64), np.zeros((1, 5), np.int64), np.zeros((1, 4), np.int64)),
-            "shape",
-        ),
-        (
-            lambda p, a: a(np.zeros((1, 5), np.int64), None, np.array([5], np.int64), np.zeros(1, np.uint8)),
-            "outside",
-        ),
-        (
-            lambda p, a: a(np.zeros((1, 5), np.int64), None, np.array([1], np.int64), np.zeros(1, np.uint8), 5),
-            "outside",
-        ),
-        (
-            lambda p, a: a(np.zeros((1, 5), np.int64), None, np.array([1], np.int64), np.zeros(1, np.int8)),
-            "finished",
-        ),
-        (
-            lambda p, a: a(
-                np.zeros((1, 5), np.int64),
-                np.zeros((1, 2), np.int64),
-                np.array([1], np.int64),
-                np.zeros(1, np.uint8),
-            ),
-            "position_ids",
-        ),
-        (
-            lambda p, a: a(np.zeros((2, 5), np.int64), None, np.array([1], np.int64), np.zeros(2, np.uint8)),
-            "lengths",
-        ),
+        ((np.array([6], np.int64), np.zeros((1, 5), np.int64)), "outside"),
+        ((np.array([-1], np.int64), np.zeros((1, 5), np.int64)), "outside"),
+        ((np.array([1], np.int64), np.zeros((1, 5), np.float32)), "int32 or int64"),
+        ((np.array([1, 1], np.int64), np.zeros((1, 5), np.int64)), "rows"),
+        ((np.array([1], np.int64), np.zeros((1, 5), np.int64), np.zeros((1, 4), np.int64)), "shape"),
     ],
 )
-def test_errors(impl, call, match):
-    prepare, advance = impl
+def test_prepare_errors(prepare, args, match):
     with pytest.raises(ValueError, match=match):
-        call(prepare, advance)
-
-
-def test_failed_advance_writes_nothing(impl):
-    _, advance = impl
-    mask = np.zeros((2, 3), np.int64)
-    pos = np.zeros((2, 1), np.int64)
-    lengths = np.array([1, 3], np.int64)  # row 1 has no room left
-    with pytest.raises(ValueError, match="row 1"):
-        advance(mask, pos, lengths, np.zeros(2, np.uint8))
-    assert not mask.any() and not pos.any() and lengths.tolist() == [1, 3]
+        prepare(*args)
 
 
 def test_fallback_warns_once(monkeypatch):
@@ -162,13 +64,17 @@ def test_fallback_warns_once(monkeypatch):
         masks._numpy_prepare_left_padded(lengths, mask[:, :1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        masks._numpy_advance(mask, None, lengths, np.zeros(1, np.uint8))
+        masks._numpy_advance_packed(mask.ravel(), 1, None, lengths, np.zeros(1, np.uint8))
     assert mask.tolist() == [[1, 1, 0, 0]] and lengths.tolist() == [2]
 
 
 def test_front_uses_compiled_kernels_when_built():
-    expected = masks._ckernels.advance if COMPILED else masks._numpy_advance
-    assert masks.advance is expected
+    if COMPILED:
+        assert masks.advance_packed is masks._ckernels.advance_packed
+        assert masks.prepare_left_padded is masks._ckernels.prepare_left_padded
+    else:
+        assert masks.advance_packed is masks._numpy_advance_packed
+        assert masks.prepare_left_padded is masks._numpy_prepare_left_padded
 
 
 @pytest.fixture(params=IMPLS)
@@ -179,12 +85,13 @@ def packed(request):
 
 @pytest.mark.parametrize("mask_dtype", INTS)
 @pytest.mark.parametrize("len_dtype", INTS)
-def test_advance_packed_hand_case(packed, mask_dtype, len_dtype):
+@pytest.mark.parametrize("fin_dtype", [np.uint8, np.bool_])
+def test_advance_packed_hand_case(packed, mask_dtype, len_dtype, fin_dtype):
     flat = np.full(12, 9, mask_dtype)
     flat[:6] = [0, 1, 1, 1, 1, 1]  # (2, 3): row 0 holds 2 tokens, row 1 holds 3
     pos = np.full((2, 1), -1, mask_dtype)
     lengths = np.array([2, 3], len_dtype)
-    packed(flat, 3, pos, lengths, np.array([0, 1], np.uint8))
+    packed(flat, 3, pos, lengths, np.array([0, 1], fin_dtype))
     assert flat[:8].reshape(2, 4).tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
     assert flat[8:].tolist() == [9, 9, 9, 9]
     assert pos.ravel().tolist() == [2, -1] and lengths.tolist() == [3, 3]
@@ -192,26 +99,31 @@ def test_advance_packed_hand_case(packed, mask_dtype, len_dtype):
 
 @pytest.mark.parametrize("dtype", INTS)
 @pytest.mark.parametrize("batch", [1, 2, 5])
-def test_advance_packed_matches_the_static_mask(impl, packed, dtype, batch):
-    """Step by step, the packed (batch, width) mask equals the static buffer's first width columns."""
-    prepare, advance = impl
+def test_advance_packed_matches_a_mask_built_from_scratch(prepare, packed, dtype, batch):
+    """A left-padded batch decoded step by step, rows finishing at random: after each step the packed
+    (batch, width + 1) mask is 1 exactly from each row's first prompt token to its last new token."""
     rng = np.random.default_rng(batch)
     max_length = 20
     prompt = rng.integers(1, 6, batch).astype(dtype)
     width = int(prompt.max())
-    static = np.zeros((batch, max_length), dtype)
-    prepare(prompt.copy(), static[:, :width])
     flat = np.full(batch * max_length, 7, dtype)
-    flat[: batch * width] = static[:, :width].ravel()
-    pos_a, pos_b = np.zeros((batch, 1), dtype), np.zeros((batch, 1), dtype)
-    len_a, len_b = prompt.copy(), prompt.copy()
+    prepare(prompt.copy(), flat[: batch * width].reshape(batch, width))
+    pos = np.full((batch, 1), -1, dtype)
+    lengths = prompt.copy()
     finished = np.zeros(batch, np.uint8)
+    generated = np.zeros(batch, np.int64)
     for step in range(max_length - width):
         w = width + step
-        advance(static, pos_a, len_a, finished, w)
-        packed(flat, w, pos_b, len_b, finished)
-        assert np.array_equal(flat[: batch * (w + 1)].reshape(batch, w + 1), static[:, : w + 1])
-        assert np.array_equal(pos_a, pos_b) and np.array_equal(len_a, len_b)
+        before = lengths.copy()
+        packed(flat, w, pos, lengths, finished)
+        live = finished == 0
+        generated += live
+        assert np.array_equal(pos[live, 0], before[live])  # the new token's position: the tokens before it
+        expected = np.zeros((batch, w + 1), dtype)
+        for row in range(batch):
+            expected[row, width - prompt[row] : width + generated[row]] = 1
+        assert np.array_equal(flat[: batch * (w + 1)].reshape(batch, w + 1), expected)
+        assert np.array_equal(lengths, prompt + generated)
         finished |= (rng.random(batch) < 0.2).astype(np.uint8)
 
 

@@ -111,7 +111,6 @@ def test_greedy_ignores_temperature_unless_sampling(impl):
         SamplingParams(do_sample=True, temperature=0.0),
         SamplingParams(do_sample=True, top_k=1, temperature=2.0, seed=1),
     ):
-        assert p.is_greedy
         assert run_steps(sampler(impl, p, [[0]], 3), logits, 3).ravel().tolist() == [1, 1, 1]
 
 
@@ -526,23 +525,13 @@ def test_from_search_config():
         "num_beams": 1,
     }
     p = SamplingParams.from_search_config(greedy_cfg)
-    assert p.is_greedy and p.top_k == 0 and not p.do_sample
+    assert p.top_k == 0 and not p.do_sample
     q = SamplingParams.from_search_config(greedy_cfg, do_sample=True, temperature=0.7)
-    assert not q.is_greedy and q.top_k == 0 and q.temperature == 0.7
+    assert q.do_sample and q.top_k == 0 and q.temperature == 0.7
     r = SamplingParams.from_search_config({"do_sample": True, "top_k": 50, "top_p": 0.9, "temperature": 1}, top_p=0.5)
     assert (r.do_sample, r.top_k, r.top_p, r.temperature) == (True, 50, 0.5, 1.0)
     assert isinstance(r.temperature, float)
     assert SamplingParams.from_search_config({}) == SamplingParams()
-
-
-def test_is_greedy():
-    assert SamplingParams().is_greedy
-    assert SamplingParams(do_sample=True, temperature=0.0).is_greedy
-    assert SamplingParams(do_sample=True, top_k=1).is_greedy
-    assert not SamplingParams(do_sample=True).is_greedy
-    assert not SamplingParams(repetition_penalty=1.1).is_greedy
-    assert not SamplingParams(presence_penalty=0.1).is_greedy
-    assert not SamplingParams(logit_bias={1: 1.0}).is_greedy
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -578,7 +567,7 @@ def allowed_tokens(z: np.ndarray, p: SamplingParams) -> set[int]:
     """Tokens the definition may return for prepared logits z (nothing possible: {0})."""
     if not (z > -np.inf).any():
         return {0}
-    if p.is_greedy or (not p.do_sample or p.temperature < sampling.GREEDY_TEMPERATURE or p.top_k == 1):
+    if not p.do_sample or p.temperature < sampling.GREEDY_TEMPERATURE or p.top_k == 1:
         return {ref_argmax(z)}
     z = ref_min_p_filter(ref_top_p_filter(ref_top_k_filter(z, p.top_k), p.top_p), p.min_p)
     return set(np.flatnonzero(z > -np.inf).tolist())

@@ -304,12 +304,7 @@ def test_literal_table_matches_decode(any_tok):
         assert any_tok.decode([*prefix, i]) == base + table[i], (i, any_tok.id_to_piece(i))
 
 
-def test_encode_batch_and_input_checks(any_tok):
-    texts = UNICODE_SAMPLES[:4]
-    assert any_tok.encode_batch(texts) == [any_tok.encode(t) for t in texts]
-    assert any_tok.encode_batch(texts, add_special_tokens=False) == [any_tok.encode(t, False) for t in texts]
-    with pytest.raises(InvalidRequestError, match="not one string"):
-        any_tok.encode_batch("abc")
+def test_input_checks(any_tok):
     with pytest.raises(InvalidRequestError, match="must be a str"):
         any_tok.encode(b"bytes")  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError):
