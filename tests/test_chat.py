@@ -119,7 +119,7 @@ def test_sandbox_and_template_errors():
         render_chat(msgs, "{% for m in messages %}")
     with pytest.raises(InvalidRequestError, match="failed on this conversation"):
         render_chat(msgs, "{{ 1 / 0 }}")
-    assert render_chat(msgs, "{{ ''.__class__ }}") == ""  # unsafe attributes read as undefined
+    assert render_chat(msgs, "[{{ ''.__class__ }}]") == "[]"  # unsafe attributes read as undefined
 
 
 def test_template_extras_and_helpers():
