@@ -1,7 +1,13 @@
 """Shared pytest fixtures.
 
 Real model fixtures live in ../shared next to the repository (never copied into it). Tests that
-need them skip with a stated reason when that folder is absent (a user's fresh clone).
+need them skip with a stated reason when that folder is absent (a user's fresh clone), and carry
+the ``shared`` marker (``-m "not shared"`` deselects them): every test that uses one of
+:data:`SHARED_FIXTURES`, through its own fixtures or by name with :func:`shared_param`.
+
+Markers (pyproject.toml): ``slow`` on tests that take about a second or more here (``make
+test-fast`` leaves them out), ``cuda`` on the tests that need a GPU (tests/test_cuda.py),
+``shared`` as above.
 """
 
 from __future__ import annotations
@@ -14,6 +20,23 @@ import pytest
 
 SHARED = Path(os.environ.get("ENGINE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 MODELS = SHARED / "models"
+
+
+# the fixtures below that read ../shared
+SHARED_FIXTURES = frozenset({"stories260k", "tiny_llama_fp16", "tiny_gpt2", "phi3_tokenizer_dir"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``shared`` every test whose fixtures (transitively) include a ../shared fixture."""
+    for item in items:
+        if SHARED_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.shared)
+
+
+def shared_param(name: str) -> object:
+    """A parameter naming a fixture that needs ../shared, for a test or fixture that gets it with
+    ``request.getfixturevalue`` (invisible to the hook above): marked ``shared``."""
+    return pytest.param(name, marks=pytest.mark.shared, id=name)
 
 
 def shared_path(*parts: str) -> Path:

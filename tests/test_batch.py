@@ -18,7 +18,7 @@ import engine
 from engine.decode import can_batch
 from engine.testing.synthetic import SyntheticSpec, cached_model
 
-from .conftest import load_reference
+from .conftest import load_reference, shared_param
 
 MAX_LENGTH = 96
 
@@ -27,7 +27,7 @@ MAX_LENGTH = 96
 # real fixtures against their reference.json
 
 
-@pytest.mark.parametrize("fixture", ["stories260k", "tiny_llama_fp16", "tiny_gpt2"])
+@pytest.mark.parametrize("fixture", [shared_param(n) for n in ("stories260k", "tiny_llama_fp16", "tiny_gpt2")])
 def test_batch_greedy_matches_reference(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     refs = load_reference(model_dir)

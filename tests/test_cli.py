@@ -83,6 +83,7 @@ def test_bad_sampling_value_is_a_clean_error(model_dir, capsys):
     assert "top_p" in err
 
 
+@pytest.mark.slow
 def test_chat_session_over_stdin_with_reset(model_dir):
     """A real process: two turns, /reset, a third turn, then EOF."""
     proc = subprocess.run(

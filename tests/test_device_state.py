@@ -457,6 +457,7 @@ def test_cuda_check_first_divergence():
     assert first_divergence([1, 2], [1, 2, 3]) == 2
 
 
+@pytest.mark.slow
 def test_make_perf_runs_float16_twins_on_cuda(tmp_path, monkeypatch):
     """make perf's CUDA sweep: built-in synthetic models run as their float16 twins (same shapes),
     which provider='cuda' takes; stories260k (float32, no twin) is skipped; a --model folder runs as is."""

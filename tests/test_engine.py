@@ -17,7 +17,7 @@ from engine.config import KVLayout
 from engine.testing.plain_loop import PlainLoop
 from engine.testing.synthetic import SyntheticSpec, cached_model
 
-from .conftest import load_reference
+from .conftest import load_reference, shared_param
 
 SYNTHETIC = {
     "gqa-fp32": SyntheticSpec(layout="gqa", seed=1),
@@ -52,7 +52,7 @@ def engines(synthetic_dirs):
 # real fixtures against their reference.json
 
 
-@pytest.mark.parametrize("fixture", ["stories260k", "tiny_llama_fp16", "tiny_gpt2"])
+@pytest.mark.parametrize("fixture", [shared_param(n) for n in ("stories260k", "tiny_llama_fp16", "tiny_gpt2")])
 def test_fixture_greedy_ids_match_reference(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     eng = engine.Engine(model_dir)

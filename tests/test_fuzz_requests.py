@@ -55,6 +55,7 @@ def canonical(eng):
     return eng.generate([1, 5, 9], max_new_tokens=10).token_ids
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     prompt=st.one_of(PROMPTS, BATCHES),

@@ -258,6 +258,7 @@ print(" ".join(map(str, toks)))
 """
 
 
+@pytest.mark.slow
 def test_seed_same_tokens_in_another_process(impl):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(

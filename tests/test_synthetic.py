@@ -349,6 +349,7 @@ def test_genai_loads_the_tokenizer(model_dir) -> None:
 # --------------------------------------------------------------------------- phi4 shape and cache
 
 
+@pytest.mark.slow
 def test_phi4_mini_shape_builds_and_runs(tmp_path) -> None:
     spec = phi4_mini_spec(layers=1, vocab=1024, context_length=256)
     assert (spec.hidden, spec.heads, spec.kv_heads, spec.head_size, spec.rotary_dim) == (3072, 24, 8, 128, 96)

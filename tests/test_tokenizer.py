@@ -25,7 +25,7 @@ from engine.tokenizer import (
     load_tokenizer,
 )
 
-from .conftest import load_reference
+from .conftest import load_reference, shared_param
 
 UNICODE_SAMPLES = [
     "Once upon a time",
@@ -96,7 +96,7 @@ def phi3_tok(phi3_tokenizer_dir) -> Tokenizer:
     return load_tokenizer(phi3_tokenizer_dir)
 
 
-@pytest.fixture(params=["byte_level", "sp_tok", "llama_tok", "phi3_tok"])
+@pytest.fixture(params=["byte_level", *(shared_param(n) for n in ("sp_tok", "llama_tok", "phi3_tok"))])
 def any_tok(request) -> Tokenizer:
     return request.getfixturevalue(request.param)
 
@@ -220,6 +220,7 @@ def test_prompt_ending_inside_a_character(llama_tok, sp_tok):
         assert "".join(parts) == "😀 now" == IncrementalDetokenizer.continuation(tok, prompt, new)
 
 
+@pytest.mark.slow
 def test_overrides_win(tiny_llama_fp16):
     tok = load_tokenizer(tiny_llama_fp16, bos_token_id=0, eos_token_id=[1, 2], pad_token_id=2)
     assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == (0, (1, 2), 2)
