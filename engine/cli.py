@@ -6,39 +6,105 @@
     engine info --model DIR [--max-length L] [--max-batch B]   # layout, shapes, KV bytes, vocab, providers
 
 TTFT and tok/s go to stderr at the end of each generation; the text goes to stdout.
+
+Every error ends the command with one line on stderr, ``error: ...``, and a non-zero exit status (2 for
+a usage, model or request error, 1 for anything unexpected); no traceback. When the reader of stdout
+goes away (``engine generate ... | head -c 1``) the command ends quietly with status 141, as Unix
+tools killed by SIGPIPE do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from .errors import EngineError
 from .sampling import SamplingParams
+
+_INT32_MAX = 2**31 - 1
+_MAX_BATCH = 1024  # Engine's own bound on max_batch
+#: More ORT threads than this is a typo, not a machine (ORT would fail on 2**31 with a raw TypeError).
+_MAX_THREADS = 1024
+#: Exit status of a process whose stdout reader went away: 128 + SIGPIPE, as ``yes | head`` reports.
+_EXIT_BROKEN_PIPE = 141
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line, ``error: ...``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _print_error(message)
+        self.exit(2)
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text}")
+        return value
+
+    return parse
+
+
+def _text(value: str) -> str:
+    """A command-line string as valid UTF-8: bytes that are not (kept by Python as lone surrogates,
+    which tokenizers refuse) become U+FFFD."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate argv decoding cannot make (main() called with one)
+        raw = value.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
+def _lenient_stdio() -> None:
+    """Read stdin and write stdout with U+FFFD / '?' for what the encoding cannot hold: a line of
+    invalid UTF-8 in a chat, or text a non-UTF-8 terminal cannot show, is not fatal."""
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (genai format or Optimum export)")
     p.add_argument("--provider", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--max-length", type=int, default=None, help="KV cache length (default min(context, 4096))")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: measured per model)")
+    p.add_argument(
+        "--max-length",
+        type=_int_range(1, _INT32_MAX),
+        default=None,
+        help="KV cache length (default min(context, 4096))",
+    )
+    p.add_argument(
+        "--threads",
+        type=_int_range(1, _MAX_THREADS),
+        default=None,
+        help="ORT intra-op threads (default: measured per model)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_int_range(1, _INT32_MAX), default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=_int_range(0, _INT32_MAX))
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--presence-penalty", type=float)
     p.add_argument("--frequency-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=_int_range(0, 2**64 - 1))
+    p.add_argument("--stop", action="append", type=_text, default=None, help="stop string (repeatable)")
 
 
 # the SamplingParams fields that have a plain --flag VALUE (do_sample is a switch; bias and logprobs are API-only)
@@ -79,15 +145,15 @@ def _run_one(eng, prompt_ids: list[int] | str, args: argparse.Namespace, stream:
     kw = _sampling_kwargs(args)
     if stream:
         parts = []
-        it = eng.stream(prompt_ids, args.max_new_tokens, **kw)
-        for chunk in it:
-            parts.append(chunk.text)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        text = "".join(parts)
+        with eng.stream(prompt_ids, args.max_new_tokens, **kw) as it:  # closed early on a broken pipe
+            for chunk in it:
+                parts.append(chunk.text)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
         print()
-        _print_stats(eng.last_result.stats)
-        return text
+        if it.result is not None:
+            _print_stats(it.result.stats)
+        return "".join(parts)
     res = eng.generate(prompt_ids, args.max_new_tokens, **kw)
     print(res.text)
     _print_stats(res.stats)
@@ -97,8 +163,9 @@ def _run_one(eng, prompt_ids: list[int] | str, args: argparse.Namespace, stream:
 def cmd_generate(args: argparse.Namespace) -> int:
     """``engine generate``: one prompt, or a batch when --prompt is given several times."""
     if len(args.prompt) > 1 and args.stream:
-        print("error: --stream takes one --prompt (a batch prints each result when it is done)", file=sys.stderr)
+        _print_error("--stream takes one --prompt (a batch prints each result when it is done)")
         return 2
+    _lenient_stdio()
     # no KV rows beyond the prompts given; batches run on the CPU provider only (a list runs one by one on CUDA)
     args.max_batch = 1 if args.provider == "cuda" else max(1, min(args.max_batch, len(args.prompt)))
     eng = _engine(args)
@@ -118,6 +185,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """``engine chat``: interactive multi-turn conversation."""
+    _lenient_stdio()
     eng = _engine(args)
     history: list[dict[str, str]] = []
     if args.system:
@@ -142,7 +210,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             reply = _run_one(eng, eng.render_chat(history), args, stream=True)
         except EngineError as e:
-            print(f"error: {e}", file=sys.stderr)
+            _print_error(e)
             history.pop()
             continue
         history.append({"role": "assistant", "content": reply})
@@ -184,37 +252,72 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the CLI."""
-    parser = argparse.ArgumentParser(prog="engine", description="LLM inference on ONNX Runtime")
+    parser = _Parser(prog="engine", description="LLM inference on ONNX Runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_model_args(g)
-    g.add_argument("--prompt", required=True, action="append", help="prompt text (repeat it for a batch)")
-    g.add_argument("--max-batch", type=int, default=8, help="prompts per forward pass of a batch (default 8)")
+    g.add_argument("--prompt", required=True, action="append", type=_text, help="prompt text (repeat it for a batch)")
+    g.add_argument(
+        "--max-batch", type=_int_range(1, _MAX_BATCH), default=8, help="prompts per forward pass of a batch (default 8)"
+    )
     g.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_model_args(c)
-    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--system", type=_text, default=None, help="system message")
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
     i = sub.add_parser("info", help="describe a model folder")
     i.add_argument("--model", required=True)
-    i.add_argument("--max-length", type=int, default=None, help="for the KV estimate (default min(context, 4096))")
-    i.add_argument("--max-batch", type=int, default=1, help="for the KV estimate (default 1)")
+    i.add_argument(
+        "--max-length",
+        type=_int_range(1, _INT32_MAX),
+        default=None,
+        help="for the KV estimate (default min(context, 4096))",
+    )
+    i.add_argument("--max-batch", type=_int_range(1, _MAX_BATCH), default=1, help="for the KV estimate (default 1)")
     i.set_defaults(func=cmd_info)
     return parser
 
 
+def _print_error(message: object) -> None:
+    """``error: message`` on one line of stderr (a broken stderr is ignored: nothing to tell then)."""
+    text = " ".join(str(message).split()) or "unknown error"
+    with contextlib.suppress(OSError, ValueError):
+        print(f"error: {text}", file=sys.stderr, flush=True)
+
+
+def _reader_gone() -> int:
+    """stdout (or stderr) lost its reader: point both at /dev/null so that the final flush at exit
+    cannot fail again, and end with SIGPIPE's status."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptors (a test's capture)
+        pass
+    return _EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for a usage or model error)."""
-    args = build_parser().parse_args(argv)
+    """Entry point; returns the process exit code (2 for a usage, model or request error, 1 for an
+    unexpected one, 141 when stdout's reader went away, 130 on Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
+    except BrokenPipeError:
+        return _reader_gone()
     except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a user gets one line, not a traceback, whatever went wrong
+        _print_error(f"{type(e).__name__}: {e}")
+        return 1
