@@ -84,6 +84,7 @@ def test_long_renders_stop_at_the_deadline(template, short_deadline):
     assert time.monotonic() - start < 2
 
 
+@pytest.mark.slow
 def test_the_default_deadline_is_one_second():
     start = time.monotonic()
     _refused(NESTED_RANGES, r"took more than 1 s to render")
@@ -219,6 +220,7 @@ def test_templates_that_do_not_compile(template, match):
     _refused(template, match, ModelLoadError)
 
 
+@pytest.mark.slow
 def test_the_largest_template_allowed_compiles_in_seconds():
     template = "{{ a ~ b ~ c }}" * (MAX_TEMPLATE_CHARS // 15)  # the slowest source to compile found, per character
     with within(6):
