@@ -300,7 +300,7 @@ def test_auto_batch_needs_max_batch(tmp_path_factory):
         engine.Engine(model_dir, max_batch=2, auto_batch="yes")
 
 
-@pytest.mark.parametrize("fixture", ["eng", "auto"])
+@pytest.mark.parametrize("fixture", ["eng", pytest.param("auto", marks=pytest.mark.slow)])  # auto: ~2 s
 def test_a_request_inside_an_open_stream_of_the_same_thread_evicts_the_stream_which_resumes(fixture, request):
     """Changed with stream leases: this used to raise InvalidRequestError ("already holds the
     engine"). A call from the thread that holds a suspended stream now evicts the stream and
