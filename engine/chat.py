@@ -460,6 +460,12 @@ def _times(factor: int) -> Callable[..., int]:
     return lambda value, *args, **kwargs: factor * _size(value)
 
 
+def _est_case(value: Any, *args: Any, **kwargs: Any) -> int:
+    """upper/lower/title/capitalize: ASCII text keeps its length; other case mappings make up to
+    three characters of one ('ß' -> 'SS', 'ﬃ' -> 'FFI')."""
+    return len(value) if isinstance(value, str) and value.isascii() else 3 * _size(value)
+
+
 _ESTIMATES: dict[str, Callable[..., int]] = {
     "center": _est_center,
     "indent": _est_indent,
@@ -478,10 +484,10 @@ _ESTIMATES: dict[str, Callable[..., int]] = {
     "forceescape": _times(6),
     "xmlattr": _times(6),
     "urlencode": _times(12),  # one character -> up to four %XX
-    "upper": _times(3),  # case mappings make up to three characters of one
-    "lower": _times(3),
-    "title": _times(3),
-    "capitalize": _times(3),
+    "upper": _est_case,
+    "lower": _est_case,
+    "title": _est_case,
+    "capitalize": _est_case,
 }
 # filters that run Python code per item, out of reach of the deadline check: at most MAX_ITEMS items
 _PER_ITEM = frozenset(

@@ -130,6 +130,7 @@ S1M = "{% set s = 'x' * 1000000 %}"  # a 1 M-character string, allowed
         ),
         ("{{ ('a\n' * 1000000)|indent(10) }}", r"'indent' filter"),
         ("{{ ('ab ' * 1000)|wordwrap(1, wrapstring='y' * 10000) }}", r"'wordwrap' filter"),
+        ("{{ ('ß' * 2000000)|upper }}", r"'upper' filter, which would make about 6,000,000 characters"),
         ("{{ [1]|batch(10**9, 'x')|list }}", r"'batch' filter"),
         ("{{ [1]|slice(10**9, 'x')|list }}", r"'slice' filter"),
         ("{{ {'a': 1}|tojson(indent=10**9) }}", r"asked tojson for an indent of 1,000,000,000 \(limit 64\)"),
@@ -176,6 +177,7 @@ def test_values_under_the_caps_render():
     assert len(render_chat(MSGS, "{{ 'ab'|replace('', 'x' * 1000000) }}")) == 3_000_002
     assert render_chat(MSGS, "{{ (range(100000)|list)|sort|last }}") == "99999"
     assert render_chat(MSGS, "{{ 2 ** 4000 > 0 }}") == "True"
+    assert render_chat(MSGS, "{{ ('ab ' * 1300000)|upper|length }}") == "3900000"  # ASCII: no growth
     text = render_chat(MSGS, "{{ 'y' * (" + str(MAX_TEXT_CHARS) + " - 1) }}")
     assert len(text) == MAX_TEXT_CHARS - 1
 
