@@ -246,7 +246,11 @@ class StepState:
             entry = ([], [], [])
         self._packed[n] = entry  # most recently used last
         views, values, handles = entry
-        for w in range(len(views), max_width + 1):
+        # an interrupt between the three appends below leaves them of unequal length: cut them back
+        # to the widths all three hold, so that the cache heals instead of failing every later batch
+        done = min(len(views), len(values), len(handles))
+        del views[done:], values[done:], handles[done:]
+        for w in range(done, max_width + 1):
             view = self.packed_mask[: n * w].reshape(n, w)
             value = ort.OrtValue.ortvalue_from_numpy(view)
             views.append(view)

@@ -213,17 +213,19 @@ def generate_single(ctx: DecodeContext, req: Request) -> Generator[StreamChunk, 
 
 def evict(ctx: DecodeContext, req: Request) -> None:
     """A suspended stream gives the engine up: keep what it needs to resume (its row's random
-    state); its next step recomputes the cache from the prompt and its tokens so far."""
-    req.resume = (ctx.sampler.save_row(0),)
+    state and its tokens so far, which the next request overwrites); its next step recomputes the
+    cache from the prompt and those tokens."""
+    req.resume = (ctx.sampler.save_row(0), ctx.out_ids[0].copy())
 
 
 def _resume(ctx: DecodeContext, req: Request, row: RowOutput) -> Any:
-    (saved,) = req.resume
+    saved, out = req.resume
     req.resume = None
     if saved is None and not req.params.do_sample:
         saved = 0  # greedy rows draw nothing: any state will do
     if saved is None:
         raise EngineError("this stream was evicted while suspended and its sampler state cannot be restored")
+    row.out[: row.n] = out[: row.n]
     ids = np.concatenate((req.prompt_ids, row.ids))
     ctx.sampler.reset(req.params, [ids])  # penalty counts: prompt + tokens so far, as they were
     ctx.sampler.restore_row(0, saved)

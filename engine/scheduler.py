@@ -292,6 +292,10 @@ class AutoBatcher:
     def submit(self, req: Request) -> GenerationResult:
         """Queue ``req`` and wait until it has run; its result (or its error, raised)."""
         ticket = Ticket(req)
+        lease = self._lock._lease
+        if lease is not None and lease.evictable_by(threading.get_ident()):
+            # a stream this thread left suspended: the worker cannot tell, so evict it from here
+            self._lock.run(lambda: None)
         try:
             with self._qlock:
                 if self._lock.closed:
@@ -423,7 +427,11 @@ class AutoBatcher:
             for _, req, _, result in events:
                 if result is not None:
                     tickets[id(req)].finish(result)
-        except Exception as e:
+        except BaseException as e:
+            if not isinstance(e, Exception):  # the worker itself is stopped: nobody of its group must wait
+                for t in group:
+                    t.finish(error=EngineError(f"the auto_batch worker stopped while running this request: {e!r}"))
+                raise
             _log.debug("auto_batch: a batch failed (%r); its requests run one by one", e)
             for t in group:
                 if t.done or t.request.cancelled:

@@ -1,7 +1,7 @@
 """The decode loop allocates no numpy arrays and no OrtValues, and copies nothing per step.
 
-Three independent checks over the real decode step (``decode_one_token`` + the sampler, exactly
-what ``Engine._steps`` runs per token) on a model with a 32k vocabulary, where one stray copy of
+Three independent checks over the real decode loops of engine/decode.py (``generate_single``,
+driven token by token as a stream drives it) on a model with a 32k vocabulary, where one stray copy of
 the logits would be 128 KB:
 
 1. an audit with ``sys.setprofile`` of every C function called during the steps: none of the
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import engine
+from engine import decode
 from engine.testing.synthetic import SyntheticSpec, cached_model
 
 VOCAB = 32000
@@ -52,22 +53,23 @@ def eng(tmp_path_factory):
     model_dir = cached_model(spec, tmp_path_factory.mktemp("alloc"))
     e = engine.Engine(model_dir, max_length=256)
     e.generate([1, 2, 3], max_new_tokens=8)  # warm-up
+    _numpy_growth_and_peak(lambda: e.generate([1, 2, 3], max_new_tokens=8))  # tracemalloc's first session is noisier
     return e
 
 
-def _start(eng, prompt):
-    st, sampler = eng._state, eng._sampler
-    params = engine.SamplingParams()
-    sampler.reset(params, [prompt])
-    logits = st.prefill(np.asarray([prompt], dtype=np.int64))
-    sampler.sample(logits, st.next_ids)
-    return st, sampler
+def _start(eng, prompt, new=230):
+    """The real single-request loop, past its prefill and first steps: next(loop) is one token."""
+    eng.eos_token_ids = frozenset()  # the loop must not end early
+    req = eng._requests.one(prompt, new, None, {}, text=False)
+    loop = decode.generate_single(eng._ctx, req)
+    for _ in range(3):
+        next(loop)
+    return loop
 
 
-def _steps(st, sampler, n):
+def _steps(loop, n):
     for _ in range(n):
-        logits = st.decode_one_token()
-        sampler.sample(logits, st.next_ids)
+        next(loop)
 
 
 def _c_calls(fn) -> set[str]:
@@ -108,9 +110,9 @@ def _numpy_growth_and_peak(fn) -> tuple[list, int]:
 
 
 def test_no_allocating_calls_in_decode_step(eng):
-    st, sampler = _start(eng, [1, 2, 3, 4])
-    _steps(st, sampler, 2)
-    called = _c_calls(lambda: _steps(st, sampler, 50))
+    st = eng._state
+    loop = _start(eng, [1, 2, 3, 4])
+    called = _c_calls(lambda: _steps(loop, 50))
     assert "bind_ortvalue_input" in called  # the audit does see the step's C calls
     # the run itself is a functools.partial straight onto ORT's C-level run_with_iobinding, which
     # setprofile cannot look into: check that it is nothing else
@@ -120,9 +122,8 @@ def test_no_allocating_calls_in_decode_step(eng):
 
 
 def test_no_numpy_buffers_and_flat_peak(eng):
-    st, sampler = _start(eng, [1, 9, 8, 7])
-    _steps(st, sampler, 2)
-    grown, peak = _numpy_growth_and_peak(lambda: _steps(st, sampler, 200))
+    loop = _start(eng, [1, 9, 8, 7])
+    grown, peak = _numpy_growth_and_peak(lambda: _steps(loop, 200))
     assert not grown, grown[:3]
     logits_row = VOCAB * 4
     assert peak < logits_row // 8, f"peak grew by {peak} bytes over 200 steps"
@@ -202,21 +203,12 @@ def device_eng(tmp_path_factory):
     return e
 
 
-def _ahead_steps(st, sampler, n):
-    for i in range(n):
-        sampler.enqueue(st.decode_one_token(), st.next_ids, i & 1)
-        sampler.wait(i & 1)
-
-
 def test_device_step_ahead_allocates_nothing(device_eng):
-    st, sampler = device_eng._state, device_eng._sampler
-    sampler.reset(engine.SamplingParams(), [[1, 2, 3, 4]])
-    assert sampler.on_device
-    sampler.enqueue(st.prefill(np.asarray([[1, 2, 3, 4]], dtype=np.int64)), st.next_ids, 0)
-    _ahead_steps(st, sampler, 2)
-    called = _c_calls(lambda: _ahead_steps(st, sampler, 20))
+    loop = _start(device_eng, [1, 2, 3, 4])  # greedy: the one-step-ahead loop (generate_one_ahead)
+    assert device_eng._sampler.on_device
+    called = _c_calls(lambda: _steps(loop, 20))
     assert "bind_input" in called  # the audit sees the step's C calls (the mask view's binding)
     assert not (called & FORBIDDEN), sorted(called & FORBIDDEN)
-    grown, peak = _numpy_growth_and_peak(lambda: _ahead_steps(st, sampler, 150))
+    grown, peak = _numpy_growth_and_peak(lambda: _steps(loop, 150))
     assert not grown, grown[:3]
     assert peak < VOCAB * 4 // 8, f"peak grew by {peak} bytes over 150 steps"
