@@ -202,7 +202,7 @@ def generate_single(ctx: DecodeContext, req: Request) -> Generator[StreamChunk, 
     """One request: the sampler reset for it, then the loop one step ahead when the sampler
     chooses the ids on the device (and no logprobs, no LongRoPE switch among its steps), else
     step by step."""
-    ctx.sampler.reset(req.params, [req.prompt_ids])
+    ctx.sampler.reset(req.params, [req.prompt_ids], checked=True)  # checked once, in engine/request.py
     switch, p = ctx.rope_switch, len(req.prompt_ids)
     # the decode steps run at lengths P .. P + max_new_tokens - 2; one at the switch re-prefills
     crosses = switch is not None and p <= switch <= p + req.max_new_tokens - 2
@@ -227,7 +227,7 @@ def _resume(ctx: DecodeContext, req: Request, row: RowOutput) -> Any:
         raise EngineError("this stream was evicted while suspended and its sampler state cannot be restored")
     row.out[: row.n] = out[: row.n]
     ids = np.concatenate((req.prompt_ids, row.ids))
-    ctx.sampler.reset(req.params, [ids])  # penalty counts: prompt + tokens so far, as they were
+    ctx.sampler.reset(req.params, [ids], checked=True)  # penalty counts: prompt + tokens so far, as they were
     ctx.sampler.restore_row(0, saved)
     return ctx.state.prefill(ids[None, :])
 
@@ -288,7 +288,7 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
     st, sampler = cast("BatchStepState", ctx.state), cast("BatchSampler", ctx.sampler)
     finished, host_ids = st.finished, st.host_ids
     n = len(reqs)
-    sampler.reset([r.params for r in reqs], [r.prompt_ids for r in reqs])
+    sampler.reset([r.params for r in reqs], [r.prompt_ids for r in reqs], checked=True)
     t0 = time.perf_counter()
     logits = st.prefill_rows([r.prompt_ids for r in reqs], max(r.max_new_tokens for r in reqs) - 1)
     sampler.sample(logits, st.next_ids, n)
@@ -319,7 +319,7 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
         for b, req in joiners:
             reqs.append(req)
             st.join_row(b, req.prompt_ids, req.max_new_tokens - 1)
-            sampler.reset_row(b, req.params, req.prompt_ids)
+            sampler.reset_row(b, req.params, req.prompt_ids, checked=True)
             if b == n:
                 n += 1
                 rows.append(RowOutput(ctx, b, req, t_join))

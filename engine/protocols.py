@@ -68,7 +68,13 @@ class Sampler(Protocol):
     @property
     def on_device(self) -> bool: ...  # ids chosen on the device (then enqueue/wait exist)
 
-    def reset(self, params: SamplingParams | Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]]) -> None: ...
+    def reset(
+        self,
+        params: SamplingParams | Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        checked: bool = False,
+    ) -> None: ...
 
     def sample(self, logits: Any, out: Any, rows: int | None = None) -> None: ...
 
@@ -80,7 +86,9 @@ class Sampler(Protocol):
 class BatchSampler(Sampler, Protocol):
     """A sampler of several rows, where a request can start on one row of a running batch."""
 
-    def reset_row(self, row: int, params: SamplingParams, prompt_ids: Sequence[int] | np.ndarray) -> None: ...
+    def reset_row(
+        self, row: int, params: SamplingParams, prompt_ids: Sequence[int] | np.ndarray, *, checked: bool = False
+    ) -> None: ...
 
 
 class AheadSampler(Sampler, Protocol):

@@ -95,6 +95,9 @@ _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 
 
+MAX_LOGIT_BIAS = 1e30  # |bias| above this is no longer a finite float32 once added to a logit
+
+
 def _warn_fallback() -> None:
     warn_not_built("sampling", "sampling")
 
@@ -180,8 +183,11 @@ class SamplingParams:
             for tok, bias in self.logit_bias.items():
                 if not _is_int(tok) or not 0 <= tok < vocab_size:
                     raise _bad("logit_bias token id", tok, f"an integer in [0, {vocab_size})")
-                if not _is_number(bias) or not math.isfinite(bias):
-                    raise _bad(f"logit_bias[{tok}]", bias, "a finite number")
+                # applied in float32: a larger magnitude would become +-inf there
+                if not _is_number(bias) or not math.isfinite(bias) or abs(bias) > MAX_LOGIT_BIAS:
+                    raise _bad(
+                        f"logit_bias[{tok}]", bias, f"a finite number in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+                    )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise _bad("seed", self.seed, "None or an integer in [0, 2**64)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
@@ -527,10 +533,17 @@ class Sampler:
         decode loop may run one step ahead)."""
         return False
 
-    def reset(self, params: SamplingParams | Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]]) -> None:
+    def reset(
+        self,
+        params: SamplingParams | Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        checked: bool = False,
+    ) -> None:
         """Start a request: one row per prompt; ``params`` shared by all rows or one per row.
 
-        Raises InvalidRequestError (state untouched) on a bad parameter or prompt. A shared seed gives
+        Raises InvalidRequestError (state untouched) on a bad parameter or prompt. ``checked``: the
+        params and prompts were validated already (engine/request.py), so they are not again. A shared seed gives
         row ``i`` the stream ``(seed, i)``, so rows differ; per-row params give each row the stream
         ``(seed, 0)``, so a request's tokens do not depend on its position in the batch.
         """
@@ -543,9 +556,10 @@ class Sampler:
             raise InvalidRequestError(
                 f"params must be one SamplingParams or a sequence of {n} SamplingParams, got {params!r}"
             )
-        for p in {id(p): p for p in per_row}.values():
-            p.validate(self.vocab_size)
-        prompts = [self._prompt(ids, f"prompt_ids[{i}]") for i, ids in enumerate(prompt_ids)]
+        if not checked:
+            for p in {id(p): p for p in per_row}.values():
+                p.validate(self.vocab_size)
+        prompts = [self._prompt(ids, f"prompt_ids[{i}]", checked) for i, ids in enumerate(prompt_ids)]
         self._rows = list(self._rows)
         for r in range(self.batch_size):
             if r < n:
@@ -553,13 +567,17 @@ class Sampler:
             else:
                 self._set_config(r, _RowConfig())
 
-    def reset_row(self, row: int, params: SamplingParams, prompt_ids: Sequence[int] | np.ndarray) -> None:
+    def reset_row(
+        self, row: int, params: SamplingParams, prompt_ids: Sequence[int] | np.ndarray, *, checked: bool = False
+    ) -> None:
         """Start a new request on one row, the others untouched (a row joining a running batch):
-        validates, seeds the stream ``(seed, 0)`` as a request alone does, counts the prompt."""
+        validates (unless ``checked``), seeds the stream ``(seed, 0)`` as a request alone does,
+        counts the prompt."""
         if not _is_int(row) or not 0 <= row < self.batch_size:
             raise ValueError(f"row must be in [0, {self.batch_size}), got {row!r}")
-        params.validate(self.vocab_size)
-        prompt = self._prompt(prompt_ids, "prompt_ids")
+        if not checked:
+            params.validate(self.vocab_size)
+        prompt = self._prompt(prompt_ids, "prompt_ids", checked)
         self._rows = list(self._rows)
         self._configure(int(row), params, prompt, 0)
 
@@ -571,9 +589,11 @@ class Sampler:
         """Put back a random state from :meth:`save_row` (after ``reset`` for the same request)."""
         self._rng[row] = saved
 
-    def _prompt(self, ids: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
+    def _prompt(self, ids: Sequence[int] | np.ndarray, name: str, checked: bool = False) -> np.ndarray:
         """``ids`` as a 1-D int64 array of token ids in the vocabulary (InvalidRequestError otherwise)."""
         a = np.asarray(ids)
+        if checked:
+            return a.astype(np.int64, copy=False)
         if a.ndim != 1 or (a.size and (a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= self.vocab_size)):
             raise InvalidRequestError(f"{name} must be a sequence of token ids in [0, {self.vocab_size})")
         return a.astype(np.int64, copy=False)

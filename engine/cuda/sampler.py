@@ -134,9 +134,16 @@ class DeviceSampler:
     def top_logprobs(self) -> np.ndarray:
         return self._host.top_logprobs
 
-    def reset(self, params: SamplingParams | Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]]) -> None:
-        """Start a request (validates like the CPU sampler; raises InvalidRequestError with state untouched)."""
-        self._host.reset(params, prompt_ids)
+    def reset(
+        self,
+        params: SamplingParams | Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        checked: bool = False,
+    ) -> None:
+        """Start a request (validates like the CPU sampler unless ``checked``; raises
+        InvalidRequestError with state untouched)."""
+        self._host.reset(params, prompt_ids, checked=checked)
         mode, reason = sampler_mode(params, self.vocab_size)
         if mode == HOST and self._host_logits is None:
             self._host_logits = self.ops.pinned_zeros((self.batch, self.vocab_size), self._logits_dtype)
