@@ -110,6 +110,9 @@ class Engine:
                 "auto_batch=True coalesces concurrent requests into batches: it needs max_batch >= 2"
             )
         self.auto_batch = auto_batch
+        for name, flag in (("last_token_logits", last_token_logits), ("warmup", warmup), ("profile", profile)):
+            if not isinstance(flag, bool):  # a string such as "no" would read as True
+                raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
         if sampler_impl not in ("auto", "cython", "numpy"):
             raise InvalidRequestError(f"sampler_impl must be 'auto', 'cython' or 'numpy', got {sampler_impl!r}")
         self.spec = load_model_spec(model_dir)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ContextLengthError, InvalidRequestError
+from .errors import ContextLengthError, InvalidRequestError, ModelLoadError
 from .sampling import SamplingParams
 from .text import IncrementalDetokenizer, StopStringMatcher
 
@@ -139,6 +139,10 @@ class RequestPreparer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.vocab_size = spec.vocab_size
+        try:  # the config's search defaults, checked at load rather than at every request
+            SamplingParams.from_search_config(spec.search)
+        except (InvalidRequestError, TypeError) as e:
+            raise ModelLoadError(f"{spec.model_dir}: genai_config.json search section: {e}") from e
 
     # ----------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int] | np.ndarray) -> np.ndarray:

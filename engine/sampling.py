@@ -204,7 +204,12 @@ class SamplingParams:
         """
         values: dict[str, Any] = {}
         if "do_sample" in search:
-            values["do_sample"] = bool(search["do_sample"])
+            flag = search["do_sample"]
+            if not isinstance(flag, (bool, np.bool_)):  # "false" would read as True
+                raise InvalidRequestError(
+                    f"genai_config.json search.do_sample must be true or false, got {flag!r} ({type(flag).__name__})"
+                )
+            values["do_sample"] = bool(flag)
         for key in ("temperature", "top_p", "repetition_penalty"):
             if key in search and _is_number(search[key]):
                 values[key] = float(search[key])

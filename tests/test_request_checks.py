@@ -58,3 +58,32 @@ def test_text_whose_ids_leave_the_vocabulary_names_the_tokenizer(eng, monkeypatc
     monkeypatch.setattr(eng._requests, "tokenizer", Tok())
     with pytest.raises(InvalidRequestError, match="tokenizer produced token id"):
         eng.generate("hello", max_new_tokens=4)
+
+
+@pytest.mark.parametrize("name", ["last_token_logits", "warmup", "profile"])
+def test_engine_flags_must_be_bools(eng, name):
+    with pytest.raises(InvalidRequestError, match=name):
+        engine.Engine(eng.spec.model_dir, max_length=64, **{name: "no"})
+
+
+def test_a_string_do_sample_in_genai_config_is_refused():
+    from engine.sampling import SamplingParams
+
+    with pytest.raises(InvalidRequestError, match="do_sample"):
+        SamplingParams.from_search_config({"do_sample": "false"})
+    assert SamplingParams.from_search_config({"do_sample": False}).do_sample is False
+
+
+def test_a_string_do_sample_in_a_model_folder_fails_at_load(eng, tmp_path):
+    import json
+    import shutil
+
+    from engine.errors import ModelLoadError
+
+    d = tmp_path / "m"
+    shutil.copytree(eng.spec.model_dir, d)
+    cfg = json.loads((d / "genai_config.json").read_text())
+    cfg.setdefault("search", {})["do_sample"] = "false"
+    (d / "genai_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="do_sample"):
+        engine.Engine(d, max_length=64)
