@@ -247,8 +247,7 @@ def run_to_end(loop: Generator[Any, None, GenerationResult]) -> GenerationResult
 
 def can_batch(ctx: DecodeContext, reqs: list[Request]) -> bool:
     """Whether ``reqs`` can share forward passes (else they run one by one, with the same results)."""
-    st = cast("BatchStepState", ctx.state)
-    if len(reqs) < 2 or getattr(st, "packed_mask", None) is None:
+    if len(reqs) < 2 or ctx.state.packed_mask is None:
         return False
     if ctx.spec.layout is not KVLayout.GQA_SHARED and ctx.spec.position_ids is None:
         # a growing-cache model without position_ids takes positions from the past length,
@@ -262,7 +261,7 @@ def can_batch(ctx: DecodeContext, reqs: list[Request]) -> bool:
 
 def can_join_batch(ctx: DecodeContext, group: list[Request]) -> bool:
     """Whether a group can run as a batch that other requests join while it runs (share-buffer GQA)."""
-    if ctx.spec.layout is not KVLayout.GQA_SHARED or getattr(ctx.state, "packed_mask", None) is None:
+    if ctx.spec.layout is not KVLayout.GQA_SHARED or ctx.state.packed_mask is None:
         return False
     if len(group) > 1:
         return can_batch(ctx, group)
@@ -355,13 +354,4 @@ def run_requests(ctx: DecodeContext, reqs: list[Request]) -> Iterator[RowEvent]:
                     chunk = next(loop)
                 except StopIteration:
                     break  # the result went out with the last chunk, or the request was cancelled
-                yield start + i, req, chunk, _last_result(loop) if chunk.finish_reason is not None else None
-
-
-def _last_result(loop: Generator[Any, None, GenerationResult]) -> GenerationResult:
-    """The result of a single-request loop that has yielded its last chunk."""
-    try:
-        next(loop)
-    except StopIteration as e:
-        return cast(GenerationResult, e.value)
-    raise AssertionError("a loop yielded past its last chunk")
+                yield start + i, req, chunk, run_to_end(loop) if chunk.finish_reason is not None else None

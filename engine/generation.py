@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, overload
 
@@ -418,28 +419,23 @@ class Engine:
         if not is_batch(prompts):
             raise InvalidRequestError("stream_batch() takes a list of prompts (strs or lists of ids) or a 2-D id array")
         reqs = self._requests.batch(cast(Sequence[Any], prompts), max_new_tokens, stop, sampling, text=True)
-        stream: Stream[tuple[int, StreamChunk]] = Stream(self._lock, iter(()), lambda: None)
-        stream._loop = self._batch_chunks(reqs, stream)
-        return stream
+        evicted = threading.Event()
+        return Stream(self._lock, self._batch_chunks(reqs, evicted), evicted.set)
 
-    def _batch_chunks(self, reqs: list[Request], stream: Stream[Any]) -> Iterator[tuple[int, StreamChunk]]:
+    def _batch_chunks(
+        self, reqs: list[Request], evicted: threading.Event
+    ) -> Generator[tuple[int, StreamChunk], None, list[GenerationResult]]:
+        """stream_batch's loop: ``(row, chunk)`` per token; returns the rows' results."""
         results: list[GenerationResult | None] = [None] * len(reqs)
-        evicted = [False]
-
-        def on_evict() -> None:
-            evicted[0] = True
-
-        stream._lease.on_evict = on_evict
         for i, _, chunk, result in run_requests(self._ctx, reqs):
             if result is not None:
                 results[i] = result
-                if all(r is not None for r in results):
-                    stream.results = cast(list[GenerationResult], results)
             yield i, chunk
-            if evicted[0]:
+            if evicted.is_set():
                 raise InvalidRequestError(
                     "this stream_batch was left suspended while another caller needed the engine, and was ended"
                 )
+        return cast(list[GenerationResult], results)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (the Phi format when the

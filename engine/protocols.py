@@ -34,6 +34,7 @@ class StepState(Protocol):
     next_ids: Any  # (batch,) ids of the next step's input; the sampler writes here (host or device)
     host_ids: np.ndarray  # (batch,) host ids the loop reads after the sampler ran
     length: int  # tokens in the KV cache after the last run
+    packed_mask: np.ndarray | None  # a batch's flat mask; None: this state runs no batches
 
     @property
     def kv_nbytes(self) -> int: ...
@@ -48,7 +49,6 @@ class StepState(Protocol):
 class BatchStepState(StepState, Protocol):
     """A step state that also runs batches of rows (the CPU for now)."""
 
-    packed_mask: np.ndarray | None  # None: this state cannot batch
     finished: np.ndarray  # (batch,) uint8: 1 for rows masked from the next step on
 
     def prefill_rows(self, prompts: list[np.ndarray], max_steps: int) -> Any: ...

@@ -213,6 +213,8 @@ class Stream(Generic[T]):
             self._done = True
             if isinstance(e.value, GenerationResult):
                 self.result = e.value
+            elif isinstance(e.value, list):
+                self.results = e.value
             raise
         except BaseException:
             self._done = True

@@ -86,6 +86,8 @@ class DeviceStepState:
     as the CPU does (GroupQueryAttention's work grows with the mask width). Batch 1 (the Engine's).
     """
 
+    packed_mask = None  # no batched steps on the device yet (the CPU StepState's batch mask)
+
     def __init__(
         self,
         session: ort.InferenceSession,
