@@ -29,6 +29,7 @@ from typing import Any
 
 from jinja2.sandbox import SecurityError
 
+from .config import MAX_CONFIG_BYTES, entry_kind, read_text
 from .errors import InvalidRequestError, ModelFileNotFoundError, ModelLoadError
 
 # the sandbox; some names only re-exported, for tests that reach them through engine.chat
@@ -71,6 +72,7 @@ PHI_FALLBACK_TEMPLATE = (
 )
 _ROLES = ("system", "user", "assistant")
 _TEMPLATE_FILE = "chat_template.jinja"
+MAX_TEMPLATE_BYTES = 4 * MAX_TEMPLATE_CHARS  # a template file past this is refused unread (UTF-8: <= 4 bytes a char)
 
 
 def load_chat_template(model_dir: str | Path) -> str | None:
@@ -88,20 +90,18 @@ def load_chat_template(model_dir: str | Path) -> str | None:
             names the file).
     """
     folder = Path(model_dir)
-    if not folder.is_dir():
+    if entry_kind(folder) != "dir":
         raise ModelFileNotFoundError(f"model folder {folder} does not exist")
     path = folder / _TEMPLATE_FILE
-    if path.is_file():
-        try:
-            return _compiled_or_refused(path.read_text(encoding="utf-8"), path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"cannot read chat template {path}: {e}") from e
+    if entry_kind(path) is not None:  # a FIFO, a device or a link loop there is refused, not skipped
+        return _compiled_or_refused(read_text(path, MAX_TEMPLATE_BYTES, "chat template"), path)
     config_path = folder / "tokenizer_config.json"
-    if not config_path.is_file():
+    if entry_kind(config_path) is None:
         return None
+    text = read_text(config_path, MAX_CONFIG_BYTES, "tokenizer config")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
     template = config.get("chat_template") if isinstance(config, dict) else None
     if template is None:
@@ -151,6 +151,13 @@ def _check_messages(messages: object) -> list[dict[str, str]]:
             raise InvalidRequestError(f"messages[{k}]['role'] must be one of {', '.join(_ROLES)}; got {role!r}")
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{k}]['content'] must be a str, got {type(content).__name__}")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"messages[{k}]['content'] is not valid Unicode text ({e.reason} at index {e.start}); "
+                "lone surrogates cannot be tokenized"
+            ) from None
         checked.append({"role": role, "content": content})
     return checked
 

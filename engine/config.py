@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ class ModelSpec:
     weight_bytes: int = 0  # bytes of all initializers
     step_read_bytes: int = 0  # weight bytes one decode step reads: a table only gathered from counts one row
     rope_switch_length: int | None = None  # LongRoPE: past this total length the KV cache is recomputed
+    rope_cache_rows: int | None = None  # GroupQueryAttention: rows of its cos/sin cache (positions it can rotate)
     graph: _GraphSlot = field(default_factory=_GraphSlot, repr=False, compare=False)  # see take_graph
 
     @property
@@ -141,14 +143,75 @@ def _err(path: Path, problem: str) -> ModelLoadError:
     return ModelLoadError(f"{path}: {problem}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+MAX_CONFIG_BYTES = 64 * 2**20  # a config JSON file larger than this is refused unread
+
+
+def entry_kind(path: Path) -> str | None:
+    """What ``path`` is after following links: ``"file"``, ``"dir"``, ``"other"`` (a FIFO, a
+    device, a socket), or None when nothing is there. A link loop, a dangling link or an entry
+    that cannot be examined raise :class:`ModelLoadError`, so that a broken file is reported
+    instead of being taken for a missing one (and the folder for another kind of folder)."""
     try:
-        with path.open("r", encoding="utf-8") as f:
-            data = json.load(f)
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise _err(path, f"is a link to {os.readlink(path)!r}, which does not exist") from None
+        return None
+    except OSError as e:  # ELOOP (a link loop), EACCES, ENAMETOOLONG, ...
+        raise _err(path, f"cannot be examined ({e.strerror or e})") from e
+    except ValueError as e:  # an embedded NUL byte in the name
+        raise _err(path, f"is not a valid file name ({e})") from e
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+
+def open_regular(path: Path, max_bytes: int, what: str = "file") -> Any:
+    """Open a file of the model folder for reading in binary, refusing what is not a regular file
+    (a FIFO would block the open, a link to /dev/zero would never end) or is larger than
+    ``max_bytes``, and turning OS errors (permissions, link loops) into :class:`ModelLoadError`."""
+    kind = entry_kind(path)
+    if kind is None:
+        raise ModelFileNotFoundError(f"{path}: the {what} does not exist")
+    if kind != "file":
+        shown = "a folder" if kind == "dir" else "not a regular file (a FIFO, socket or device)"
+        raise _err(path, f"is {shown}; the {what} must be a regular file")
+    try:  # non-blocking, so that a FIFO swapped in after the check above cannot block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _err(path, f"cannot be read ({e.strerror or e})") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _err(path, f"is not a regular file; the {what} must be one")
+        raise _err(path, f"is {st.st_size} bytes; a {what} larger than {max_bytes} bytes is refused")
+    return os.fdopen(fd, "rb")
+
+
+def read_text(path: Path, max_bytes: int, what: str = "file") -> str:
+    """The whole of a regular, bounded, UTF-8 text file of the model folder (see :func:`open_regular`)."""
+    with open_regular(path, max_bytes, what) as f:
+        try:
+            raw = f.read(max_bytes + 1)
+        except OSError as e:
+            raise _err(path, f"cannot be read ({e.strerror or e})") from e
+    if len(raw) > max_bytes:
+        raise _err(path, f"grew past {max_bytes} bytes while being read; a {what} that large is refused")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _err(path, f"is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    text = read_text(path, MAX_CONFIG_BYTES, "config file")
+    try:
+        data = json.loads(text)
+    except RecursionError as e:
+        raise _err(path, "nests JSON arrays or objects too deeply") from e
     except json.JSONDecodeError as e:
         raise _err(path, f"is not valid JSON ({e})") from e
-    except UnicodeDecodeError as e:
-        raise _err(path, "is not UTF-8 text") from e
     if not isinstance(data, dict):
         raise _err(path, f"must hold a JSON object, found {type(data).__name__}")
     return data
@@ -216,6 +279,7 @@ class _Graph:
     weight_bytes: int
     step_read_bytes: int
     rope_switch_length: int | None = None
+    rope_cache_rows: int | None = None
 
 
 @dataclass
@@ -276,6 +340,7 @@ def _step_read_bytes(g: onnx.GraphProto, sizes: Mapping[str, int]) -> int:
 
 
 def _read_graph(model_path: Path) -> _Graph:
+    open_regular(model_path, 2**62, "ONNX model").close()  # a folder, FIFO or device is refused unread
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, RuntimeError or others on a corrupted file
@@ -292,7 +357,7 @@ def _read_graph(model_path: Path) -> _Graph:
             location = info["location"]
             if location not in sizes:
                 data_path = model_path.parent / location
-                if not data_path.is_file():
+                if entry_kind(data_path) != "file":
                     raise ModelFileNotFoundError(
                         f"{model_path}: external weights file '{location}' is missing from {model_path.parent}"
                     )
@@ -318,6 +383,7 @@ def _read_graph(model_path: Path) -> _Graph:
         weight_bytes=sum(sizes.values()),
         step_read_bytes=_step_read_bytes(g, sizes),
         rope_switch_length=_rope_switch_length(g),
+        rope_cache_rows=_rope_cache_rows(g),
     )
 
 
@@ -358,10 +424,85 @@ def _rope_switch_length(g: onnx.GraphProto) -> int | None:
     return None
 
 
-def _layer_names(template: str, n: int, path: Path, key: str) -> list[str]:
-    if "%d" not in template:
-        raise _err(path, f"name template '{key}' = {template!r} has no '%d' for the layer index")
-    return [template % i for i in range(n)]
+def _constant_rows(g: onnx.GraphProto, name: str, depth: int = 0) -> int | None:
+    """Leading dimension of the tensor ``name`` when it is an initializer, a Constant, or an If
+    whose branches each yield one (the smaller of the two); None when it cannot be told."""
+    for t in g.initializer:
+        if t.name == name:
+            return int(t.dims[0]) if len(t.dims) else None
+    for n in g.node:
+        if name not in n.output:
+            continue
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and len(a.t.dims):
+                    return int(a.t.dims[0])
+        if n.op_type == "If" and depth < 4:
+            k = list(n.output).index(name)
+            rows = []
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH and k < len(a.g.output):
+                    rows.append(_constant_rows(a.g, a.g.output[k].name, depth + 1))
+            return min(rows) if rows and None not in rows else None
+        return None
+    return None
+
+
+def _rope_cache_rows(g: onnx.GraphProto) -> int | None:
+    """Fewest rows of any GroupQueryAttention node's cos/sin cache (inputs 7 and 8): positions past
+    it cannot be rotated, and ORT fails there with an error of its own, hundreds of tokens in."""
+    rows = [
+        r
+        for n in g.node
+        if n.op_type == "GroupQueryAttention" and len(n.input) > 8
+        for name in (n.input[7], n.input[8])
+        if name and (r := _constant_rows(g, name)) is not None
+    ]
+    return min(rows) if rows else None
+
+
+def _layer_names(template: Any, n: int, path: Path, key: str) -> list[str]:
+    """``template % i`` for each layer; the template must be a string with one ``%d`` and no other
+    ``%`` conversion (``%%`` is a literal percent sign)."""
+    if not isinstance(template, str):
+        raise _err(path, f"name template '{key}' must be a string with one '%d', found {template!r}")
+    if template.replace("%%", "").count("%") != 1 or "%d" not in template.replace("%%", ""):
+        raise _err(path, f"name template '{key}' = {template!r} must hold exactly one '%d' (the layer index)")
+    try:
+        return [template % i for i in range(n)]
+    except (TypeError, ValueError) as e:
+        raise _err(path, f"name template '{key}' = {template!r} is not a valid pattern ({e})") from e
+
+
+# genai_config.json session_options the engine applies, and the type and range each must have.
+_SESSION_INTS = {"intra_op_num_threads": (0, 1024), "inter_op_num_threads": (0, 1024), "log_severity_level": (0, 4)}
+
+
+def _check_session_options(options: Any, path: Path) -> dict[str, Any]:
+    """genai_config.json's ``model.decoder.session_options``, type- and range-checked (0 threads
+    means ORT's default). ORT config entries (``session.*``, ``ep.*``) must be strings; keys the
+    engine does not apply (genai's ``provider_options``, ``log_id`` ...) pass through unchecked."""
+    where = "model.decoder.session_options"
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise _err(path, f"{where} must be an object, found {type(options).__name__}")
+    for key, value in options.items():
+        if key in _SESSION_INTS:
+            lo, hi = _SESSION_INTS[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise _err(path, f"{where}.{key} must be an int in {lo}..{hi}, found {value!r}")
+        elif key.startswith(("session.", "ep.")) and not isinstance(value, str):
+            raise _err(path, f"{where}.{key} is an ORT config entry: it must be a string, found {value!r}")
+    return dict(options)
+
+
+def _io_name(d: Mapping[str, Any], key: str, default: str, path: Path, where: str) -> str:
+    """An input/output name from genai_config (``inputs.input_ids`` ...): a non-empty string."""
+    value = d.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise _err(path, f"'{where}{key}' must be a non-empty string (a graph input/output name), found {value!r}")
+    return value
 
 
 def _check_names(names: Sequence[str], available: Mapping[str, TensorInfo], what: str, model_path: Path):
@@ -388,9 +529,10 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
     dec = _get(model, "decoder", dict, cfg_path, "model.")
     filename = _get(dec, "filename", str, cfg_path, "model.decoder.")
     model_path = model_dir / filename
-    if not model_path.is_file():
+    kind = entry_kind(model_path) if filename and "\0" not in filename else None
+    if kind is None:
         raise ModelFileNotFoundError(
-            f"{cfg_path}: model.decoder.filename names '{filename}', which is missing from {model_dir}"
+            f"{cfg_path}: model.decoder.filename names {filename!r}, which is missing from {model_dir}"
         )
     graph = _read_graph(model_path)
 
@@ -409,10 +551,18 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
 
     inputs = _get(dec, "inputs", dict, cfg_path, "model.decoder.", default={}) or {}
     outputs = _get(dec, "outputs", dict, cfg_path, "model.decoder.", default={}) or {}
-    ids_name = inputs.get("input_ids", "input_ids")
-    mask_name = inputs.get("attention_mask", "attention_mask")
-    pos_name = inputs.get("position_ids", "position_ids")
-    logits_name = outputs.get("logits", "logits")
+    ids_name = _io_name(inputs, "input_ids", "input_ids", cfg_path, "model.decoder.inputs.")
+    mask_name = _io_name(inputs, "attention_mask", "attention_mask", cfg_path, "model.decoder.inputs.")
+    pos_name = _io_name(inputs, "position_ids", "position_ids", cfg_path, "model.decoder.inputs.")
+    logits_name = _io_name(outputs, "logits", "logits", cfg_path, "model.decoder.outputs.")
+    # Each layer needs its own past input: a layer count beyond the graph's inputs is refused
+    # before per-layer name tables are built (10**7 layers would take gigabytes and seconds).
+    if n_layers > len(graph.inputs):
+        raise _err(
+            cfg_path,
+            f"model.decoder.num_hidden_layers is {n_layers} but the graph has only {len(graph.inputs)} inputs "
+            "(each layer needs its own past KV input)",
+        )
 
     if "past_names" in inputs or "present_names" in outputs:
         past = _layer_names(inputs.get("past_names", "past_%d"), n_layers, cfg_path, "inputs.past_names")
@@ -450,15 +600,22 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
     search = _get(cfg, "search", dict, cfg_path, "", default={}) or {}
     vocab = _opt_int(model, "vocab_size", cfg_path, "model.")
     context = _opt_int(model, "context_length", cfg_path, "model.")
+    search_max = _opt_int(search, "max_length", cfg_path, "search.")
     if context is None:
-        context = _opt_int(search, "max_length", cfg_path, "search.")
+        context = search_max
     if context is None or context <= 0:
         raise _err(cfg_path, "needs a positive model.context_length (or search.max_length)")
+    if context < 2:
+        raise _err(
+            cfg_path,
+            f"model.context_length is {context}: it leaves no room for a prompt token and a generated one "
+            "(at least 2 is needed)",
+        )
     declared = _Declared(
         model_dir=model_dir,
         model_path=model_path,
         cfg_path=cfg_path,
-        model_type=str(model.get("type", "unknown")),
+        model_type=_get(model, "type", str, cfg_path, "model.", default="unknown"),
         n_layers=n_layers,
         n_heads=n_heads,
         kv_heads=kv_heads,
@@ -477,7 +634,7 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
         present=present,
         combined=combined,
         search=search,
-        session_options=dec.get("session_options") or {},
+        session_options=_check_session_options(dec.get("session_options"), cfg_path),
         has_genai=True,
     )
     return _finish_spec(declared, graph)
@@ -491,7 +648,7 @@ _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
 def _spec_from_optimum(model_dir: Path) -> ModelSpec:
-    model_path = next((model_dir / f for f in _OPTIMUM_FILES if (model_dir / f).is_file()), None)
+    model_path = next((model_dir / f for f in _OPTIMUM_FILES if entry_kind(model_dir / f) is not None), None)
     if model_path is None:
         raise ModelFileNotFoundError(
             f"{model_dir}: no {GENAI_CONFIG} and no ONNX decoder ({', '.join(_OPTIMUM_FILES)}) in the folder"
@@ -515,25 +672,32 @@ def _spec_from_optimum(model_dir: Path) -> ModelSpec:
 
     hf: dict[str, Any] = {}
     for name in ("config.json", "generation_config.json"):
-        if (model_dir / name).is_file():
+        if entry_kind(model_dir / name) is not None:
             hf.update(_read_json(model_dir / name))
     cfg_path = model_dir / "config.json"
-    context = hf.get("max_position_embeddings") or hf.get("n_positions") or hf.get("max_length") or 2048
+    hf_ints = {
+        k: _opt_int(hf, k, cfg_path, "")
+        for k in ("num_attention_heads", "hidden_size", "vocab_size", "bos_token_id", "pad_token_id")
+    }
+    context = next(
+        (v for k in ("max_position_embeddings", "n_positions", "max_length") if (v := _opt_int(hf, k, cfg_path, ""))),
+        2048,
+    )
     declared = _Declared(
         model_dir=model_dir,
         model_path=model_path,
         cfg_path=model_path,
-        model_type=str(hf.get("model_type", "unknown")),
+        model_type=_get(hf, "model_type", str, cfg_path, "", default="unknown"),
         n_layers=n_layers,
-        n_heads=hf.get("num_attention_heads"),
+        n_heads=hf_ints["num_attention_heads"],
         kv_heads=kv_heads,
         head_size=head_size,
-        hidden=hf.get("hidden_size"),
-        vocab=hf.get("vocab_size"),
-        context=int(context),
-        bos=hf.get("bos_token_id"),
+        hidden=hf_ints["hidden_size"],
+        vocab=hf_ints["vocab_size"],
+        context=context,
+        bos=hf_ints["bos_token_id"],
         eos=_eos_ids(hf.get("eos_token_id"), cfg_path, ""),
-        pad=hf.get("pad_token_id"),
+        pad=hf_ints["pad_token_id"],
         ids_name="input_ids",
         mask_name="attention_mask",
         pos_name="position_ids",
@@ -647,6 +811,7 @@ def _finish_spec(declared: _Declared, graph: _Graph) -> ModelSpec:
         weight_bytes=graph.weight_bytes,
         step_read_bytes=graph.step_read_bytes,
         rope_switch_length=graph.rope_switch_length if layout is KVLayout.GQA_SHARED else None,
+        rope_cache_rows=graph.rope_cache_rows if layout is KVLayout.GQA_SHARED else None,
         graph=_GraphSlot(graph.proto),
     )
 
@@ -661,11 +826,21 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     """
     if not isinstance(model_dir, (str, os.PathLike)):
         raise InvalidRequestError(f"model_dir must be a path (str or pathlib.Path), got {type(model_dir).__name__}")
-    path = Path(model_dir).expanduser()
-    if not path.exists():
+    try:
+        path = Path(model_dir).expanduser()
+    except RuntimeError as e:  # "~no_such_user/..."
+        raise ModelFileNotFoundError(f"model folder {model_dir}: {e}") from e
+    kind = entry_kind(path)
+    if kind is None:
         raise ModelFileNotFoundError(f"model folder {path} does not exist")
-    if not path.is_dir():
+    if kind != "dir":
         raise ModelFileNotFoundError(f"{path} is not a folder: pass the model folder, not a file inside it")
-    if (path / GENAI_CONFIG).is_file():
+    try:
+        os.listdir(path)
+    except OSError as e:
+        raise _err(path, f"the model folder cannot be read ({e.strerror or e})") from e
+    # A genai_config.json of any kind (a link loop, a FIFO, a folder) makes this a genai folder, so
+    # a broken one is reported rather than the folder silently read as an Optimum export.
+    if os.path.lexists(path / GENAI_CONFIG):
         return _spec_from_genai(path)
     return _spec_from_optimum(path)

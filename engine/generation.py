@@ -18,9 +18,9 @@ import numpy as np
 
 from .binding import StepState
 from .chat import load_chat_template, render_chat
-from .config import DEFAULT_MAX_LENGTH, KVLayout, ModelSpec, load_model_spec
+from .config import DEFAULT_MAX_LENGTH, KVLayout, ModelSpec, entry_kind, load_model_spec
 from .decode import DecodeContext, evict, generate_single, run_requests, run_to_end
-from .errors import InsufficientMemoryError, InvalidRequestError
+from .errors import InsufficientMemoryError, InvalidRequestError, ModelLoadError
 from .graph import load_for_generation
 from .kv_cache import kv_cache_bytes_needed
 from .providers import CUDA_EP, SessionConfig, create_session, proc_kib_field, resolve_provider, session_options
@@ -136,7 +136,7 @@ class Engine:
         if not on_cuda:
             self._check_memory()  # host memory; a CUDA engine checks the device's after loading the weights
         self.tokenizer: Tokenizer | None = None
-        if any((spec.model_dir / f).is_file() for f in TOKENIZER_FILES):
+        if any(entry_kind(spec.model_dir / f) is not None for f in TOKENIZER_FILES):
             # BOS comes from the tokenizer's own config (genai_config's bos_token_id is unreliable:
             # tiny-llama-fp16 says 0 while its tokenizer and reference prompts use <s> = 1).
             self.tokenizer = load_tokenizer(
@@ -219,14 +219,24 @@ class Engine:
 
     def _check_max_length(self, max_length: int | None) -> int:
         ctx = self.spec.context_length
+        rows = self.spec.rope_cache_rows
+        if rows is not None and rows < 2:
+            raise ModelLoadError(f"{self.spec.model_path}: the GroupQueryAttention cos/sin cache has {rows} row(s)")
         if max_length is None:
-            return min(ctx, DEFAULT_MAX_LENGTH)
+            return min(ctx, DEFAULT_MAX_LENGTH, rows or ctx)
         if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 2:
             raise InvalidRequestError(f"max_length must be an int >= 2, got {max_length!r}")
         if max_length > ctx:
             what = "rows of the rotary cos/sin cache" if self.spec.layout is KVLayout.GQA_SHARED else "positions"
             raise InvalidRequestError(
-                f"max_length {max_length} exceeds the model's context_length {ctx} ({what}); allowed: 2..{ctx}"
+                f"max_length {max_length} exceeds the model's context_length {ctx} ({what}); "
+                f"allowed: 2..{min(ctx, rows or ctx)}"
+            )
+        if rows is not None and max_length > rows:
+            raise InvalidRequestError(
+                f"max_length {max_length} exceeds the {rows} rows of the model's GroupQueryAttention cos/sin "
+                f"cache (its config says context_length {ctx}; positions past the cache cannot be rotated); "
+                f"allowed: 2..{min(rows, ctx)}"
             )
         return max_length
 

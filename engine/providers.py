@@ -35,6 +35,8 @@ PROVIDER_NAMES = {"cpu": CPU_EP, "cuda": CUDA_EP}
 # while stories260k (1.4 MB, GroupQueryAttention splits its heads over threads) is 15 % faster.
 TINY_MODEL_BYTES = 1024 * 1024
 
+MAX_THREADS = 1024  # intra-op threads an engine may ask for; ORT takes an int32 and each thread costs a stack
+
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -110,15 +112,27 @@ class SessionConfig:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         if self.threads is not None and (
-            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or not 1 <= self.threads <= MAX_THREADS
         ):
-            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+            raise ValueError(f"threads must be an int in 1..{MAX_THREADS} or None (the default), got {self.threads!r}")
         if self.spinning is not None and not isinstance(self.spinning, bool):
             raise ValueError(f"spinning must be True, False or None (the default), got {self.spinning!r}")
-        if self.graph_optimization not in _OPT_LEVELS:
+        if not isinstance(self.graph_optimization, str) or self.graph_optimization not in _OPT_LEVELS:
             raise ValueError(
                 f"graph_optimization must be one of {', '.join(_OPT_LEVELS)}, got {self.graph_optimization!r}"
             )
+        if self.optimized_model_path is not None:
+            if not isinstance(self.optimized_model_path, (str, os.PathLike)):
+                raise ValueError(f"optimized_model_path must be a path or None, got {self.optimized_model_path!r}")
+            try:
+                folder = Path(self.optimized_model_path).expanduser().resolve().parent
+            except (RuntimeError, OSError, ValueError) as e:
+                raise ValueError(f"optimized_model_path {self.optimized_model_path!r} is not a usable path: {e}") from e
+            if not folder.is_dir():
+                raise ValueError(
+                    f"optimized_model_path {self.optimized_model_path!r}: its folder {folder} does not exist "
+                    "(the engine writes the optimized graph there; create the folder first)"
+                )
 
 
 def session_options(
@@ -149,8 +163,7 @@ def session_options(
         if isinstance(key, str) and key.startswith(("session.", "ep.")) and isinstance(value, str) and value:
             so.add_session_config_entry(key, value)
     if config.optimized_model_path:
-        Path(config.optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
-        so.optimized_model_filepath = config.optimized_model_path
+        so.optimized_model_filepath = str(Path(config.optimized_model_path).expanduser())
     if config.profile:
         so.enable_profiling = True
         if config.profile_prefix:

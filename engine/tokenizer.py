@@ -31,11 +31,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import MAX_CONFIG_BYTES, entry_kind, open_regular, read_text
 from .errors import InvalidRequestError, ModelFileNotFoundError, ModelLoadError
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+MAX_TOKENIZER_BYTES = 2**30  # a tokenizer file larger than this (1 GiB) is refused unread
 _REPLACEMENT = "\ufffd"  # what every decoder writes for bytes that are not (yet) valid UTF-8
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # byte-fallback piece, e.g. <0xE4>
 
@@ -191,8 +193,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as _HF
 
+        text = read_text(path, MAX_TOKENIZER_BYTES, "tokenizer.json")
         try:
-            text = path.read_text(encoding="utf-8")
             spec = json.loads(text)
             self._tok = _HF.from_str(text)
         except Exception as e:  # the tokenizers library raises plain Exception on a bad file
@@ -376,38 +378,47 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """A tokenizer config file as a dict; {} when absent. A file that is there but is not a
+    regular, bounded UTF-8 JSON object raises ModelLoadError."""
+    if entry_kind(path) is None:
         return {}
+    text = read_text(path, MAX_CONFIG_BYTES, "tokenizer config")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
 
 
-def _token_text(value: object) -> str | None:
-    """A special-token entry of tokenizer_config.json: a string or ``{"content": ...}``."""
-    if isinstance(value, str):
+def _token_text(value: object, where: str = "") -> str | None:
+    """A special-token entry of tokenizer_config.json: a string or ``{"content": ...}``; None is
+    None. With ``where`` (the field, for the message), anything else raises ModelLoadError."""
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
+    if where:
+        raise ModelLoadError(f"{where} must be a string or an object with a string 'content', found {value!r}")
     return None
 
 
-def _added_tokens(config: Mapping[str, Any]) -> tuple[dict[str, int], set[int]]:
+def _added_tokens(config: Mapping[str, Any], path: Path) -> tuple[dict[str, int], set[int]]:
     """``added_tokens_decoder`` of tokenizer_config.json: content -> id, and the special ids."""
     added: dict[str, int] = {}
     special: set[int] = set()
-    for key, entry in (config.get("added_tokens_decoder") or {}).items():
-        content = _token_text(entry)
-        try:
-            i = int(key)
-        except (TypeError, ValueError):
-            continue
+    table = config.get("added_tokens_decoder") or {}
+    if not isinstance(table, dict):
+        raise ModelLoadError(f"{path}: added_tokens_decoder must be an object of id -> token, found {table!r:.80}")
+    for key, entry in table.items():
+        where = f"{path}: added_tokens_decoder[{key!r}]"
+        content = _token_text(entry, where)
+        if not key.isdigit():
+            raise ModelLoadError(f"{where}: the key must be a token id (decimal digits)")
+        i = int(key)
         if content is None:
-            continue
+            raise ModelLoadError(f"{where} must be a string or an object with a string 'content', found None")
         added[content] = i
         if isinstance(entry, dict) and entry.get("special"):
             special.add(i)
@@ -450,17 +461,23 @@ def load_tokenizer(
         ModelLoadError: a tokenizer or config file is corrupted, or an override is not an id.
     """
     folder = Path(model_dir)
-    if not folder.is_dir():
+    if entry_kind(folder) != "dir":
         raise ModelFileNotFoundError(f"model folder {folder} does not exist")
-    config = _read_json(folder / "tokenizer_config.json")
+    config_path = folder / "tokenizer_config.json"
+    config = _read_json(config_path)
     special_map = _read_json(folder / "special_tokens_map.json")
-    added, added_special = _added_tokens(config)
+    added, added_special = _added_tokens(config, config_path)
+    for key, allowed in (("legacy", (bool,)), ("add_bos_token", (bool,)), ("additional_special_tokens", (list,))):
+        if config.get(key) is not None and not isinstance(config[key], allowed):
+            kind = "true, false or null" if allowed == (bool,) else "a list of tokens"
+            raise ModelLoadError(f"{config_path}: {key} must be {kind}, found {config[key]!r:.80}")
 
     tok: Tokenizer
     hf_path, sp_path = (folder / f for f in _TOKENIZER_FILES)
-    if hf_path.is_file():
+    if entry_kind(hf_path) is not None:
         tok = HFTokenizer(hf_path)
-    elif sp_path.is_file():
+    elif entry_kind(sp_path) is not None:
+        open_regular(sp_path, MAX_TOKENIZER_BYTES, "tokenizer.model").close()  # not a FIFO or device
         legacy = config.get("legacy")
         tok = SentencePieceTokenizer(sp_path, added, legacy is not False)
     else:
@@ -468,9 +485,9 @@ def load_tokenizer(
 
     def named(key: str) -> tuple[bool, int | None]:
         """(whether the configs name the token, its id)."""
-        for source in (config, special_map):
+        for source, path in ((config, config_path), (special_map, folder / "special_tokens_map.json")):
             if key in source:
-                text = _token_text(source[key])
+                text = _token_text(source[key], f"{path}: {key}")
                 return True, (tok._token_id(text) if text is not None else None)
         return False, None
 
@@ -499,14 +516,14 @@ def load_tokenizer(
     if eos_ids is None:
         eos_ids = () if eos is None else (eos,)
 
-    if "add_bos_token" in config:
-        add_bos = bool(config["add_bos_token"])
+    if config.get("add_bos_token") is not None:
+        add_bos = config["add_bos_token"]
     else:
         add_bos = sp is not None or (bos is not None and prefix == [bos])
 
     extra = [i for i in (bos, pad, unk, *eos_ids) if i is not None]
     for text in config.get("additional_special_tokens") or ():
-        i = tok._token_id(_token_text(text) or "")
+        i = tok._token_id(_token_text(text, f"{config_path}: additional_special_tokens entry") or "")
         if i is not None:
             extra.append(i)
     tok.bos_token_id = bos
