@@ -4,6 +4,7 @@
     engine generate --model DIR --prompt A --prompt B ... [--max-batch N]   # a batch: one block per prompt
     engine chat --model DIR            # interactive, multi-turn; /reset clears the history, /quit leaves
     engine info --model DIR [--max-length L] [--max-batch B]   # layout, shapes, KV bytes, vocab, providers
+    engine serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY]  # OpenAI HTTP API
 
 TTFT and tok/s go to stderr at the end of each generation; the text goes to stdout.
 
@@ -250,6 +251,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``engine serve``: the OpenAI-compatible HTTP server (needs the ``serve`` extra)."""
+    try:
+        from .server import ServerConfig, serve
+    except ImportError as e:
+        _print_error(f"engine serve needs the serve extra (pip install 'engine[serve]'): {e}")
+        return 2
+    from pathlib import Path
+
+    model = args.model_name or Path(args.model).resolve().name
+    config = ServerConfig(
+        model_name=model,
+        api_key=args.api_key or os.environ.get("ENGINE_API_KEY") or None,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+    )
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_length=args.max_length,
+        threads=args.threads,
+        provider=args.provider,
+        config=config,
+        log_level=args.log_level,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the CLI."""
     parser = _Parser(prog="engine", description="LLM inference on ONNX Runtime")
@@ -279,6 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--max-batch", type=_int_range(1, _MAX_BATCH), default=1, help="for the KV estimate (default 1)")
     i.set_defaults(func=cmd_info)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_int_range(0, 65535), default=8000)
+    s.add_argument(
+        "--max-batch",
+        type=_int_range(1, _MAX_BATCH),
+        default=8,
+        help="rows decoded together; 1 serves one request at a time (default 8)",
+    )
+    s.add_argument("--max-queue", type=_int_range(0, 1_000_000), default=64, help="waiting requests before 429")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
+    s.add_argument("--max-body-bytes", type=_int_range(1, 2**30), default=1 << 20, help="largest request body")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set ENGINE_API_KEY)")
+    s.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

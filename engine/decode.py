@@ -102,7 +102,7 @@ class RowOutput:
             ids, values = sampler.top_ids[self.row, :k], sampler.top_logprobs[self.row, :k]
             self.top.append({int(i): float(v) for i, v in zip(ids, values, strict=True)})
         self.done = last
-        return StreamChunk(piece, tok, self.finish if last else None, lp)
+        return StreamChunk(piece, tok, self.finish if last else None, lp, self.top[-1] if lp is not None else None)
 
     def result(self, t_end: float) -> GenerationResult:
         """The finished row's text, ids and stats."""

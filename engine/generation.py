@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, overload
 
@@ -27,7 +27,7 @@ from .providers import CUDA_EP, SessionConfig, create_session, proc_kib_field, r
 from .request import TOKENIZER_FILES, GenerationResult, Request, RequestPreparer, StreamChunk, is_batch
 from .request import GenerationStats as GenerationStats  # re-exported: part of the public API
 from .sampling import Sampler
-from .scheduler import CLOSED, AutoBatcher, EngineLock, Stream
+from .scheduler import CLOSED, AutoBatcher, EngineLock, Stream, Ticket
 from .tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -446,6 +446,29 @@ class Engine:
                     "this stream_batch was left suspended while another caller needed the engine, and was ended"
                 )
         return cast(list[GenerationResult], results)
+
+    def submit(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int | None = None,
+        *,
+        stop: Sequence[str] | str | None = None,
+        on_chunk: Callable[[StreamChunk], None] | None = None,
+        on_done: Callable[[Ticket], None] | None = None,
+        **sampling: Any,
+    ) -> Ticket:
+        """auto_batch engines: check one request and queue it without waiting (a server's path).
+        ``on_chunk(chunk)`` gets every :class:`StreamChunk` on the worker thread as it is decoded,
+        ``on_done(ticket)`` its end (``ticket.result`` or ``ticket.error``); both must be quick and
+        not raise. ``ticket.request.cancel()`` frees its batch row at the next step. Arguments are
+        checked here and raise as in :meth:`generate`."""
+        self._check_open()
+        if self._batcher is None:
+            raise InvalidRequestError("submit() needs an Engine created with auto_batch=True")
+        if is_batch(prompt):
+            raise InvalidRequestError("submit() takes one prompt (a str or a list of token ids)")
+        req = self._requests.one(prompt, max_new_tokens, stop, sampling, text=on_chunk is not None)
+        return self._batcher.enqueue(req, on_chunk, on_done)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (the Phi format when the

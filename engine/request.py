@@ -71,6 +71,7 @@ class StreamChunk:
     token_id: int
     finish_reason: str | None = None
     logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None  # with logprobs: the top-n alternatives at this token
 
 
 @dataclass(eq=False)  # compared by identity (queues hold them; numpy fields have no == of one bool)

@@ -38,7 +38,7 @@ from .decode import (
     run_to_end,
 )
 from .errors import EngineError, InvalidRequestError
-from .request import GenerationResult, Request
+from .request import GenerationResult, Request, StreamChunk
 
 _log = logging.getLogger("engine")
 CLOSED = "this Engine is closed; create a new one"
@@ -251,20 +251,39 @@ class Stream(Generic[T]):
 
 
 class Ticket:
-    """A queued request and how it ended (set by the worker)."""
+    """A queued request and how it ended (set by the worker).
 
-    def __init__(self, request: Request) -> None:
+    ``on_chunk(chunk)`` (optional) is called on the worker thread with every chunk as it is decoded,
+    ``on_done(ticket)`` once when it ends; both must be quick and must not raise (a server hands
+    them to its event loop). A request cancelled while it runs ends with no result and no call."""
+
+    def __init__(
+        self,
+        request: Request,
+        on_chunk: Callable[[StreamChunk], None] | None = None,
+        on_done: Callable[[Ticket], None] | None = None,
+    ) -> None:
         self.request = request
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
         self.done = False
+        self.on_chunk = on_chunk
+        self.on_done = on_done
+        self.streamed = 0  # chunks handed to on_chunk so far
         self._gate = threading.Lock()  # released when result or error is set
         self._gate.acquire()
+
+    def emit(self, chunk: StreamChunk) -> None:
+        if self.on_chunk is not None:
+            self.streamed += 1
+            self.on_chunk(chunk)
 
     def finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         if not self.done:
             self.result, self.error, self.done = result, error, True
             self._gate.release()
+            if self.on_done is not None:
+                self.on_done(self)
 
     def wait(self, timeout: float) -> bool:
         if self._gate.acquire(timeout=timeout):
@@ -318,6 +337,32 @@ class AutoBatcher:
             raise ticket.error
         assert ticket.result is not None
         return ticket.result
+
+    def enqueue(
+        self,
+        req: Request,
+        on_chunk: Callable[[StreamChunk], None] | None = None,
+        on_done: Callable[[Ticket], None] | None = None,
+    ) -> Ticket:
+        """Queue ``req`` without waiting (an HTTP server's path): its chunks go to ``on_chunk`` and
+        its end to ``on_done`` (see :class:`Ticket`); ``req.cancel()`` frees its row at the next step.
+        Raises EngineError when no worker thread can be started."""
+        ticket = Ticket(req, on_chunk, on_done)
+        with self._qlock:
+            if self._lock.closed:
+                raise InvalidRequestError(CLOSED)
+            self._queue.append(ticket)
+        if not self._ensure_worker():
+            with self._qlock:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+            raise EngineError("auto_batch: cannot start the worker thread")
+        return ticket
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch row now."""
+        return len(self._queue)
 
     def _ensure_worker(self) -> bool:
         """A live worker exists (started now if needed); False when none can be started."""
@@ -426,9 +471,11 @@ class AutoBatcher:
                 events = generate_batch(ctx, reqs, self._joins(group, tickets))
             else:
                 events = run_requests(ctx, reqs)
-            for _, req, _, result in events:
+            for _, req, chunk, result in events:
+                ticket = tickets[id(req)]
+                ticket.emit(chunk)
                 if result is not None:
-                    tickets[id(req)].finish(result)
+                    ticket.finish(result)
         except BaseException as e:
             if not isinstance(e, Exception):  # the worker itself is stopped: nobody of its group must wait
                 for t in group:
@@ -438,8 +485,11 @@ class AutoBatcher:
             for t in group:
                 if t.done or t.request.cancelled:
                     continue
+                if t.streamed:  # its consumer has chunks already: a rerun would repeat them
+                    t.finish(error=EngineError(f"the batch running this request failed: {type(e).__name__}: {e}"))
+                    continue
                 try:
-                    t.finish(run_to_end(generate_single(ctx, t.request)))
+                    t.finish(_run_streaming(generate_single(ctx, t.request), t))
                 except Exception as alone:
                     err = EngineError(f"{type(alone).__name__}: {alone}")
                     err.__cause__ = alone
@@ -451,3 +501,13 @@ class AutoBatcher:
             queued, self._queue[:] = list(self._queue), []
         for t in queued:
             t.finish(error=error)
+
+
+def _run_streaming(loop: Iterator[StreamChunk], ticket: Ticket) -> GenerationResult:
+    """Drain a single-request loop, handing each chunk to the ticket's consumer; its result."""
+    while True:
+        try:
+            chunk = next(loop)
+        except StopIteration as e:
+            return e.value
+        ticket.emit(chunk)
