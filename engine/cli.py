@@ -220,12 +220,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """``engine info``: what the engine reads from a model folder."""
     from .config import DEFAULT_MAX_LENGTH, load_model_spec
-    from .kv_cache import kv_cache_bytes_needed
+    from .memory import estimate_memory
     from .providers import available_providers, default_threads
 
     spec = load_model_spec(args.model)
-    length = args.max_length or min(spec.context_length, DEFAULT_MAX_LENGTH)
-    kv = kv_cache_bytes_needed(spec, length, args.max_batch)
+    length = args.max_length or min(
+        spec.context_length, DEFAULT_MAX_LENGTH, spec.rope_cache_rows or spec.context_length
+    )
+    mem = estimate_memory(spec, length, args.max_batch)
+    kv = mem.kv_cache
     rows = [
         ("model", str(spec.model_path)),
         ("type", spec.model_type),
@@ -241,6 +244,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("KV bytes per token", spec.kv_bytes_per_token),
         (f"KV cache (max_length {length} x max_batch {args.max_batch})", f"{kv / 2**20:.1f} MiB"),
         ("weights", f"{spec.weight_bytes / 2**20:.1f} MiB"),
+        ("step buffers + mask views", f"{(mem.buffers + mem.views) / 2**20:.1f} MiB"),
+        ("host memory estimate (CPU engine)", f"{mem.total / 2**20:.1f} MiB: what the load-time check compares"),
         ("BOS / EOS / PAD", f"{spec.bos_token_id} / {list(spec.eos_token_ids)} / {spec.pad_token_id}"),
         ("default CPU threads", default_threads(spec.weight_bytes)),
         ("providers available", ", ".join(available_providers())),

@@ -23,6 +23,7 @@ from .decode import DecodeContext, evict, generate_single, run_requests, run_to_
 from .errors import InsufficientMemoryError, InvalidRequestError, ModelLoadError
 from .graph import load_for_generation
 from .kv_cache import kv_cache_bytes_needed
+from .memory import MemoryEstimate, estimate_memory
 from .providers import CUDA_EP, SessionConfig, create_session, proc_kib_field, resolve_provider, session_options
 from .request import TOKENIZER_FILES, GenerationResult, Request, RequestPreparer, StreamChunk, is_batch
 from .request import GenerationStats as GenerationStats  # re-exported: part of the public API
@@ -133,6 +134,10 @@ class Engine:
         elif cuda_graph is not None and not isinstance(cuda_graph, bool):
             raise InvalidRequestError(f"cuda_graph must be True, False or None (auto), got {cuda_graph!r}")
         self.max_length = self._check_max_length(max_length)
+        # what the engine will hold in host memory, by part (reported by `python -m engine info`)
+        self.memory_estimate: MemoryEstimate = estimate_memory(
+            spec, self.max_length, self.max_batch, on_cpu=not on_cuda
+        )
         if not on_cuda:
             self._check_memory()  # host memory; a CUDA engine checks the device's after loading the weights
         self.tokenizer: Tokenizer | None = None
@@ -241,20 +246,14 @@ class Engine:
         return max_length
 
     def _check_memory(self) -> None:
-        need = kv_cache_bytes_needed(self.spec, self.max_length, self.max_batch)
-        _log.info(
-            "KV cache: %d bytes (%.1f MiB) for max_length %d x max_batch %d",
-            need,
-            need / 2**20,
-            self.max_length,
-            self.max_batch,
-        )
+        est = self.memory_estimate
+        _log.info("host memory for max_length %d x max_batch %d: %s", self.max_length, self.max_batch, est.describe())
         avail = _available_memory()
-        if avail is not None and need > 0.8 * avail:
+        if avail is not None and est.total > 0.8 * avail:
             raise InsufficientMemoryError(
-                f"the KV cache for max_length {self.max_length} x max_batch {self.max_batch} needs "
-                f"{need / 2**30:.2f} GiB ({self.spec.kv_bytes_per_token} bytes/token/row) but only "
-                f"{avail / 2**30:.2f} GiB is available; pass a smaller max_length or max_batch"
+                f"an engine of max_length {self.max_length} x max_batch {self.max_batch} needs {est.describe()} "
+                f"({self.spec.kv_bytes_per_token} KV bytes/token/row) but only {avail / 2**30:.2f} GiB is "
+                "available; pass a smaller max_length or max_batch"
             )
 
     @property
