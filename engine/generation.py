@@ -73,7 +73,8 @@ class Engine:
         warmup: run one tiny request at load so that the first real request is not slower.
         max_batch: the most prompts one forward pass serves. ``generate()`` with a list of prompts
             runs them ``max_batch`` at a time; the KV cache holds ``max_batch`` rows (the memory check
-            counts them). 1 (default): a list runs prompt by prompt. CPU only for now.
+            counts them). 1 (default): a list runs prompt by prompt. On CUDA the rows run on the device
+            (share-buffer models; engine/cuda/state.py), with a CUDA graph per row count.
         auto_batch: coalesce concurrent single-prompt ``generate()`` calls from several threads into
             batches of up to ``max_batch`` that later requests join between decode steps (a worker
             thread runs them; see docs/api.md, Concurrency). Off by default: on INT4 models a
@@ -121,11 +122,6 @@ class Engine:
         spec = self.spec
         self.provider = resolve_provider(provider)
         on_cuda = self.provider == CUDA_EP
-        if on_cuda and self.max_batch > 1:
-            raise InvalidRequestError(
-                f"max_batch={self.max_batch}: batched generation runs on the CPU provider only for now; "
-                "use max_batch=1 with provider='cuda'"
-            )
         if on_cuda:
             from .cuda import import_cupy, resolve_cuda_graph
 
@@ -185,6 +181,7 @@ class Engine:
                 last_token_logits=edited,
                 cuda_graph=cuda_graph,
                 sampler_impl=sampler_impl,
+                max_batch=self.max_batch,
             )
             self.session, state, sampler, self.cuda_graph = rt.session, rt.state, rt.sampler, rt.cuda_graph
         else:

@@ -34,7 +34,7 @@ class StepState(Protocol):
     next_ids: Any  # (batch,) ids of the next step's input; the sampler writes here (host or device)
     host_ids: np.ndarray  # (batch,) host ids the loop reads after the sampler ran
     length: int  # tokens in the KV cache after the last run
-    packed_mask: np.ndarray | None  # a batch's flat mask; None: this state runs no batches
+    packed_mask: Any  # a batch's mask (CPU: flat, host; CUDA: (batch, max_length), device); None: runs no batches
 
     @property
     def kv_nbytes(self) -> int: ...
@@ -47,7 +47,7 @@ class StepState(Protocol):
 
 
 class BatchStepState(StepState, Protocol):
-    """A step state that also runs batches of rows (the CPU for now)."""
+    """A step state that also runs batches of rows (engine/binding.py, engine/cuda/state.py)."""
 
     finished: np.ndarray  # (batch,) uint8: 1 for rows masked from the next step on
 

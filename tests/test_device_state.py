@@ -221,7 +221,9 @@ def test_sampler_modes():
     ):
         mode, reason = cuda.sampler_mode(SamplingParams(**kwargs), vocab)
         assert mode == "host" and word in reason and "host" in reason
-    assert cuda.sampler_mode([SamplingParams()], vocab)[0] == "host"
+    # one per row (a batch): the row that needs the most decides
+    assert cuda.sampler_mode([SamplingParams()], vocab)[0] == "greedy"
+    assert cuda.sampler_mode([SamplingParams(), SamplingParams(repetition_penalty=1.2)], vocab)[0] == "host"
 
 
 @pytest.mark.parametrize(

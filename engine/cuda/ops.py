@@ -57,9 +57,11 @@ class DeviceOps(Protocol):
 
     def step_writer(self, mask_dtype: np.dtype, position_dtype: np.dtype) -> Callable[[Any, Any, int], None]: ...
 
-    def argmax_writer(self, logits_dtype: np.dtype, ids_dtype: np.dtype) -> Callable[[Any, Any], None]: ...
+    def rows_writer(
+        self, mask_dtype: np.dtype, position_dtype: np.dtype
+    ) -> Callable[[Any, Any, Any, Any, int], None]: ...  # the batched step's per-row mask/position update
 
-    def uniform(self, seed: int) -> Callable[[tuple[int, ...]], Any]: ...
+    def argmax_writer(self, logits_dtype: np.dtype, ids_dtype: np.dtype) -> Callable[[Any, Any], None]: ...
 
     def free_bytes(self) -> int | None: ...
 
@@ -110,11 +112,25 @@ class NumpyOps:
 
         return write
 
+    def rows_writer(
+        self, mask_dtype: np.dtype, position_dtype: np.dtype
+    ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], None]:
+        def write(
+            mask: np.ndarray, positions: np.ndarray, lengths: np.ndarray, finished: np.ndarray, rows: int
+        ) -> None:
+            # before a batched step, each of the first ``rows`` rows that has not finished: its new
+            # token's column becomes valid, its position is its length, and it holds one more token
+            for b in range(rows):  # a loop, as the kernel's threads: no temporary arrays
+                if not finished[b]:
+                    n = int(lengths[b])
+                    mask[b, n] = 1
+                    positions[b, 0] = n
+                    lengths[b] = n + 1
+
+        return write
+
     def argmax_writer(self, logits_dtype: np.dtype, ids_dtype: np.dtype) -> Callable[[Any, Any], None]:
         return argmax  # engine.sampling.argmax: first index of the max per row, NaN read as -inf
-
-    def uniform(self, seed: int) -> Callable[[tuple[int, ...]], np.ndarray]:
-        return np.random.Generator(np.random.PCG64(seed)).random
 
     def free_bytes(self) -> int | None:
         return None
@@ -180,6 +196,22 @@ __global__ void prepare_step(M* __restrict__ mask, const long long mask_stride, 
         positions[b] = (P)position;
     }
 }
+
+// Before a batched decode step, for each of the first `batch` rows not finished: its new token's
+// column becomes valid, its position is its length, and it holds one more token. Rows keep their
+// tokens in their leading columns (no padding), so a finished row's mask stays as it was.
+template <typename M, typename P>
+__global__ void prepare_rows(M* __restrict__ mask, const long long mask_stride, P* __restrict__ positions,
+                             long long* __restrict__ lengths, const unsigned char* __restrict__ finished,
+                             const int batch) {
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b < batch && !finished[b]) {
+        const long long n = lengths[b];
+        mask[b * mask_stride + n] = (M)1;
+        positions[b] = (P)n;
+        lengths[b] = n + 1;
+    }
+}
 """
 _ARGMAX_THREADS = 1024
 _C_TYPES = {
@@ -190,8 +222,10 @@ _C_TYPES = {
 }
 _FLOATS = ("float", "unsigned short")
 _INTS = ("long long", "int")
-KERNEL_NAMES = tuple(f"argmax_rows<{t}, {i}>" for t in _FLOATS for i in _INTS) + tuple(
-    f"prepare_step<{m}, {p}>" for m in _INTS for p in _INTS
+KERNEL_NAMES = (
+    tuple(f"argmax_rows<{t}, {i}>" for t in _FLOATS for i in _INTS)
+    + tuple(f"prepare_step<{m}, {p}>" for m in _INTS for p in _INTS)
+    + tuple(f"prepare_rows<{m}, {p}>" for m in _INTS for p in _INTS)
 )
 
 
@@ -208,7 +242,6 @@ class CupyOps:
         self.stream_ptr = int(self.stream.ptr)
         self._runtime = cupy.cuda.runtime
         self._module: Any = None  # compiled on first use (cached on disk by cupy)
-        self._rng: Any = None
         # one event per slot of the pipelined decode loop: marks a step's ids copy to the host
         self._events = [cupy.cuda.Event(block=False, disable_timing=True, interprocess=False) for _ in range(2)]
 
@@ -281,6 +314,20 @@ class CupyOps:
 
         return write
 
+    def rows_writer(self, mask_dtype: np.dtype, position_dtype: np.dtype) -> Callable[[Any, Any, Any, Any, int], None]:
+        kernel = self._kernel(f"prepare_rows<{_C_TYPES[np.dtype(mask_dtype)]}, {_C_TYPES[np.dtype(position_dtype)]}>")
+        stream = self.stream
+
+        def write(mask: Any, positions: Any, lengths: Any, finished: Any, rows: int) -> None:
+            with stream:
+                kernel(
+                    ((rows + 31) // 32,),
+                    (32,),
+                    (mask, np.int64(mask.shape[1]), positions, lengths, finished, np.int32(rows)),
+                )
+
+        return write
+
     def argmax_writer(self, logits_dtype: np.dtype, ids_dtype: np.dtype) -> Callable[[Any, Any], None]:
         name = f"argmax_rows<{_C_TYPES[np.dtype(logits_dtype)]}, {_C_TYPES[np.dtype(ids_dtype)]}>"
         kernel = self._kernel(name)
@@ -295,20 +342,6 @@ class CupyOps:
                 kernel((rows,), block, (logits, np.int64(vocab), out, np.int64(stride)))
 
         return write
-
-    def uniform(self, seed: int) -> Callable[[tuple[int, ...]], Any]:
-        cp = self._cupy
-        with self.stream:
-            if self._rng is None:
-                self._rng = cp.random.RandomState(seed)
-            else:
-                self._rng.seed(seed)
-        rng = self._rng
-
-        def draw(shape: tuple[int, ...]) -> Any:
-            return rng.random_sample(shape, dtype=cp.float64)
-
-        return draw
 
     def free_bytes(self) -> int | None:
         free, _total = self._runtime.memGetInfo()

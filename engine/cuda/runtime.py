@@ -108,14 +108,14 @@ def _cuda_session(model: str | bytes, so: ort.SessionOptions, ops: DeviceOps, gr
     return session, graph
 
 
-def _check_device_memory(spec: ModelSpec, max_length: int, ops: DeviceOps) -> None:
-    need = spec.kv_bytes_per_token * max_length if spec.layout is KVLayout.GQA_SHARED else 0
+def _check_device_memory(spec: ModelSpec, max_length: int, max_batch: int, ops: DeviceOps) -> None:
+    need = spec.kv_bytes_per_token * max_length * max_batch if spec.layout is KVLayout.GQA_SHARED else 0
     free = ops.free_bytes()
     if free is not None and need > 0.9 * free:
         raise InsufficientMemoryError(
-            f"the KV cache for max_length {max_length} needs {need / 2**30:.2f} GiB of GPU memory "
-            f"({spec.kv_bytes_per_token} bytes/token) but only {free / 2**30:.2f} GiB is free after loading "
-            "the weights; pass a smaller max_length"
+            f"the KV cache for max_length {max_length} x max_batch {max_batch} needs {need / 2**30:.2f} GiB of "
+            f"GPU memory ({spec.kv_bytes_per_token} bytes/token/row) but only {free / 2**30:.2f} GiB is free after "
+            "loading the weights; pass a smaller max_length or max_batch"
         )
 
 
@@ -128,8 +128,10 @@ def create_cuda_runtime(
     last_token_logits: bool,
     cuda_graph: bool | None,
     sampler_impl: str = "auto",
+    max_batch: int = 1,
 ) -> DeviceRuntime:
-    """Session, device buffers and sampler of a CUDA engine (``model``: path or edited model bytes)."""
+    """Session, device buffers and sampler of a CUDA engine (``model``: path or edited model bytes);
+    ``max_batch`` rows of every buffer (batches and auto_batch's continuous batching run on them)."""
     graph = resolve_cuda_graph(spec, cuda_graph)
     if spec.layout is not KVLayout.GQA_SHARED:
         # the growing-KV path (ORT-allocated device presents fed back as past) gave the CPU engine's
@@ -154,13 +156,13 @@ def create_cuda_runtime(
         )
     ops = CupyOps(import_cupy())
     session, graph = _cuda_session(model, so, ops, graph, cuda_graph)
-    _check_device_memory(spec, max_length, ops)
+    _check_device_memory(spec, max_length, max_batch, ops)
     state = DeviceStepState(
-        session, spec, ops, batch=1, max_length=max_length, last_token_logits=last_token_logits, graph=graph
+        session, spec, ops, batch=max_batch, max_length=max_length, last_token_logits=last_token_logits, graph=graph
     )
     sampler = DeviceSampler(
         ops,
-        batch=1,
+        batch=max_batch,
         vocab_size=spec.vocab_size,
         logits_dtype=spec.logits.dtype,
         host_ids=state.host_ids,
