@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .config import ModelSpec
+from .conv_state import ConvStateCache
 from .iobinding import FastBinding
 from .kv_cache import GrowingKVCache, StaticKVCache, make_kv_cache
 from .masks import advance_packed, prepare_left_padded
@@ -120,6 +121,8 @@ class StepState:
             }
 
         self.kv: StaticKVCache | GrowingKVCache = make_kv_cache(spec, batch, max_length, device)
+        # hybrid models (LFM2): the conv layers' fixed-size states, zeroed per request and per row
+        self.conv = ConvStateCache(spec, batch) if spec.conv_names else None
         self._static = isinstance(self.kv, StaticKVCache)
         self._grows = not self._static  # presents must be handed back as past each step
         self._mask_name = spec.attention_mask.name if spec.attention_mask is not None else ""
@@ -141,10 +144,11 @@ class StepState:
     # ----------------------------------------------------------------------------------------
     @property
     def kv_nbytes(self) -> int:
-        """Bytes of KV cache held now (static: the whole preallocated buffer)."""
+        """Bytes of KV cache held now (static: the whole preallocated buffer), conv states included."""
+        conv = self.conv.nbytes if self.conv is not None else 0
         if isinstance(self.kv, StaticKVCache):
-            return self.kv.nbytes
-        return self.spec.kv_bytes_per_token * self.rows * self.length
+            return self.kv.nbytes + conv
+        return self.spec.kv_bytes_per_token * self.rows * self.length + conv
 
     def _bind_rows(self, n: int) -> None:
         """Bind the logits output and the static KV cache for rows 0:n (no-op when already so)."""
@@ -209,6 +213,8 @@ class StepState:
         self.rows = 1
         self._bind_rows(1)
         self.kv.start(self.bind, 1)
+        if self.conv is not None:
+            self.conv.start_rows(self.bind, 0, 1)
         # (1, P) int64/int32, cpu: made per request (prefill may allocate; the decode loop may not)
         ids = np.ascontiguousarray(prompt_ids, dtype=self.spec.input_ids.dtype)
         self._run_prompt(ids, self._mask_handles[n] if self._mask_handles else None, self._positions(n), 0)
@@ -226,6 +232,8 @@ class StepState:
             bind.bind_input(self._mask_name, self._mask_handles[length + 1])
         if self._position_flat is not None:
             self._position_flat[0] = length
+        if self.conv is not None:
+            self.conv.step(bind, 1)
         bind.run()
         self.length = length + 1
         if self._grows:
@@ -297,6 +305,8 @@ class StepState:
                 self.kv.bind_rows(bind, start, stop)
             else:
                 self.kv.start(bind, rows)
+            if self.conv is not None:
+                self.conv.start_rows(bind, start, stop)
             bind.bind_output(spec.logits.name, self._logits_range(start, stop))
             ids = np.stack(prompts[start:stop]).astype(spec.input_ids.dtype)  # (rows, P)
             mask = self._mask_handles[p] if rows == 1 else np.ones((rows, p), spec.attention_mask.dtype)
@@ -329,6 +339,8 @@ class StepState:
         positions, lengths, finished = self._batch_views
         advance_packed(self.packed_mask, width, positions, lengths, finished)
         self.bind.bind_input(self._mask_name, self._packed_handles[width + 1])
+        if self.conv is not None:
+            self.conv.step(self.bind, self.rows)
         self.bind.run()
         self.length = width + 1
         if self._grows:
@@ -365,6 +377,8 @@ class StepState:
         bind, spec = self.bind, self.spec
         self._bound_rows = 0  # rebound below
         self.kv.bind_rows(bind, row, row + 1)
+        if self.conv is not None:
+            self.conv.start_rows(bind, row, row + 1)
         bind.bind_output(spec.logits.name, self._logits_range(row, row + 1))
         self._run_prompt(prompt[None, :].astype(spec.input_ids.dtype), self._mask_handles[p], self._positions(p), row)
         mask = views[width]  # (rows, width): the rows before keep their columns

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import stat
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ _ONNX_TO_NUMPY = {
     onnx.TensorProto.INT32: np.dtype(np.int32),
     onnx.TensorProto.BOOL: np.dtype(np.bool_),
 }
+
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 class KVLayout(str, enum.Enum):
@@ -116,12 +120,32 @@ class ModelSpec:
     step_read_bytes: int = 0  # weight bytes one decode step reads: a table only gathered from counts one row
     rope_switch_length: int | None = None  # LongRoPE: past this total length the KV cache is recomputed
     rope_cache_rows: int | None = None  # GroupQueryAttention: rows of its cos/sin cache (positions it can rotate)
+    # hybrid models (LFM2): layer kinds as genai_config lists them; () when every layer attends
+    layer_types: tuple[str, ...] = ()
+    conv_names: tuple[tuple[str, str], ...] = ()  # (past, present) state of each conv layer
+    conv_shape: tuple[int, int] = (0, 0)  # (channels, width) of one row's conv state
+    conv_dtype: np.dtype = _FLOAT32  # of the conv states (the graph's)
+    # sliding-window layers whose GroupQueryAttention takes window-sized buffers
+    # (sliding_window_cache=1): past KV name -> the window (local_window_size)
+    window_caches: Mapping[str, int] = field(default_factory=dict)
     graph: _GraphSlot = field(default_factory=_GraphSlot, repr=False, compare=False)  # see take_graph
 
     @property
+    def num_kv_layers(self) -> int:
+        """Layers with a KV cache (a hybrid model's conv layers have none)."""
+        return len(self.past_names) if self.layout is KVLayout.COMBINED else len(self.past_names) // 2
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of KV cache one token takes for one sequence (all layers, K and V)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_size * self.kv_dtype.itemsize
+        """Bytes of KV cache one token takes for one sequence (all KV layers, K and V)."""
+        return 2 * self.num_kv_layers * self.num_kv_heads * self.head_size * self.kv_dtype.itemsize
+
+    def kv_length(self, past_name: str, max_length: int) -> int:
+        """Sequence capacity of ``past_name``'s share buffer: ``max_length``, or for a layer with a
+        window-sized cache ``min(max_length, window + WINDOW_CACHE_SLACK)`` (onnxruntime-genai's CPU
+        sizing)."""
+        window = self.window_caches.get(past_name)
+        return max_length if window is None else min(max_length, window + WINDOW_CACHE_SLACK)
 
     def take_graph(self) -> onnx.ModelProto | None:
         """The decoder's ModelProto as :func:`load_model_spec` parsed it (external weights not
@@ -311,6 +335,12 @@ class _Declared:
     search: Mapping[str, Any] = field(default_factory=dict)
     session_options: Mapping[str, Any] = field(default_factory=dict)
     has_genai: bool = False
+    layer_types: tuple[str, ...] = ()  # hybrid models: see _declared_layers
+    kv_layers: tuple[int, ...] = ()  # the layer index of each KV layer (default: 0..n_layers-1)
+    conv_past: Sequence[str] = ()
+    conv_present: Sequence[str] = ()
+    conv_width: int | None = None  # decoder.conv_cache_size
+    sliding: Mapping[str, Any] | None = None  # decoder.sliding_window
 
 
 def _initializer_bytes(t: onnx.TensorProto) -> int:
@@ -597,6 +627,8 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
         present = [n for pair in zip(ok, ov, strict=True) for n in pair]
         combined = False
 
+    past, present, layer_extras = _declared_layers(dec, inputs, outputs, n_layers, cfg_path, past, present, combined)
+
     search = _get(cfg, "search", dict, cfg_path, "", default={}) or {}
     vocab = _opt_int(model, "vocab_size", cfg_path, "model.")
     context = _opt_int(model, "context_length", cfg_path, "model.")
@@ -636,6 +668,7 @@ def _spec_from_genai(model_dir: Path) -> ModelSpec:
         search=search,
         session_options=_check_session_options(dec.get("session_options"), cfg_path),
         has_genai=True,
+        **layer_extras,
     )
     return _finish_spec(declared, graph)
 
@@ -710,6 +743,186 @@ def _spec_from_optimum(model_dir: Path) -> ModelSpec:
 
 
 # --------------------------------------------------------------------------------------------
+# hybrid (conv-state) and sliding-window layers
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "attention")
+CONV_LAYER_TYPES = ("conv",)
+WINDOW_CACHE_SLACK = 16  # positions past the window a window-sized CPU cache holds (onnxruntime-genai's CPU default)
+_STATE_HINTS = ("conv", "ssm", "recurrent", "state")  # input names of per-layer state other than KV
+
+
+def _declared_layers(
+    dec: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    outputs: Mapping[str, Any],
+    n_layers: int,
+    cfg_path: Path,
+    past: list[str],
+    present: list[str],
+    combined: bool,
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """The KV names of the layers that attend, and the _Declared fields of a hybrid model.
+
+    onnxruntime-genai's LFM2 builder writes ``decoder.layer_types`` (``"conv"`` or
+    ``"full_attention"`` per layer), ``decoder.conv_cache_size`` and the name templates
+    ``inputs.past_conv_names`` / ``outputs.present_conv_names`` (``past_conv.%d``); the graph has
+    past KV only for the attention layers. Any other layer kind (a recurrent/SSM state) raises
+    :class:`UnsupportedModelError`.
+    """
+    extras: dict[str, Any] = {}
+    sliding = dec.get("sliding_window")
+    if sliding is not None:
+        if not isinstance(sliding, dict):
+            raise _err(cfg_path, f"model.decoder.sliding_window must be an object, found {sliding!r}")
+        extras["sliding"] = sliding
+    types = dec.get("layer_types")
+    if types is None:
+        return past, present, extras
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise _err(cfg_path, f"model.decoder.layer_types must be a list of strings, found {types!r}")
+    if len(types) != n_layers:
+        raise _err(cfg_path, f"model.decoder.layer_types lists {len(types)} layers, num_hidden_layers is {n_layers}")
+    known = ATTENTION_LAYER_TYPES + CONV_LAYER_TYPES
+    other = sorted({t for t in types if t not in known})
+    if other:
+        raise UnsupportedModelError(
+            f"{cfg_path}: model.decoder.layer_types has layers of kind {', '.join(map(repr, other))}; the engine "
+            f"runs attention layers ({', '.join(ATTENTION_LAYER_TYPES)}) and LFM2-style conv layers ('conv')"
+        )
+    attn = [i for i, t in enumerate(types) if t in ATTENTION_LAYER_TYPES]
+    conv = [i for i, t in enumerate(types) if t in CONV_LAYER_TYPES]
+    if not attn:
+        raise UnsupportedModelError(f"{cfg_path}: model.decoder.layer_types has no attention layer")
+    per = 1 if combined else 2
+    past = [past[per * i + j] for i in attn for j in range(per)]
+    present = [present[per * i + j] for i in attn for j in range(per)]
+    extras |= {"layer_types": tuple(types), "kv_layers": tuple(attn)}
+    if conv:
+        past_conv = _layer_names(
+            inputs.get("past_conv_names", "past_conv.%d"), n_layers, cfg_path, "inputs.past_conv_names"
+        )
+        present_conv = _layer_names(
+            outputs.get("present_conv_names", "present_conv.%d"), n_layers, cfg_path, "outputs.present_conv_names"
+        )
+        extras["conv_past"] = [past_conv[i] for i in conv]
+        extras["conv_present"] = [present_conv[i] for i in conv]
+        extras["conv_width"] = _opt_int(dec, "conv_cache_size", cfg_path, "model.decoder.")
+    return past, present, extras
+
+
+def _check_declared_state(d: _Declared, graph: _Graph) -> None:
+    """The declared conv states are in the graph; and a graph without some of the declared past
+    KV inputs but with per-layer state inputs of another kind is a hybrid design the config does
+    not declare: an unsupported model, not a corrupted file."""
+    past, model_path = d.past, d.model_path
+    _check_names(d.conv_past, graph.inputs, "past conv state input", model_path)
+    _check_names(d.conv_present, graph.outputs, "present conv state output", model_path)
+    if all(n in graph.inputs for n in past):
+        return
+    state = [n for n in graph.inputs if n not in past and any(h in n.lower() for h in _STATE_HINTS)]
+    if state:
+        shown = ", ".join(state[:4]) + (" ..." if len(state) > 4 else "")
+        raise UnsupportedModelError(
+            f"{model_path}: the graph carries per-layer state besides KV ({shown}) and lacks past KV for some "
+            "layers: a hybrid model whose genai_config.json does not declare its layers. The engine runs hybrids "
+            "as onnxruntime-genai's LFM2 builder writes them (decoder.layer_types with 'conv' and "
+            "'full_attention', inputs.past_conv_names, outputs.present_conv_names)"
+        )
+
+
+def _state_fields(d: _Declared, graph: _Graph, layout: KVLayout) -> dict[str, Any]:
+    """The ModelSpec fields of conv states and window-sized KV, checked against the graph."""
+    fields: dict[str, Any] = {}
+    if d.layer_types:
+        fields["layer_types"] = d.layer_types
+    if d.conv_past:
+        fields.update(_conv_fields(d, graph))
+    windows = _graph_windows(graph.proto.graph)  # past key name -> (local_window_size, sliding_window_cache)
+    _check_declared_window(d, windows)
+    if layout is KVLayout.GQA_SHARED:
+        caches: dict[str, int] = {}
+        for node in graph.proto.graph.node:
+            if node.op_type == "GroupQueryAttention" and len(node.input) > 4 and node.input[3] in windows:
+                window, cache = windows[node.input[3]]
+                if cache and window > 0:
+                    caches[node.input[3]] = caches[node.input[4]] = window
+        fields["window_caches"] = caches
+    return fields
+
+
+def _conv_fields(d: _Declared, graph: _Graph) -> dict[str, Any]:
+    _check_names(d.conv_past, graph.inputs, "past conv state input", d.model_path)
+    _check_names(d.conv_present, graph.outputs, "present conv state output", d.model_path)
+    first = graph.inputs[d.conv_past[0]]
+    for name in d.conv_past:
+        info = graph.inputs[name]
+        dims = (_static_dim(info, 1), _static_dim(info, 2))
+        if len(info.shape) != 3 or None in dims:
+            raise UnsupportedModelError(
+                f"{d.model_path}: conv state input '{name}' has shape {info.shape}; (batch, channels, width) with "
+                "static channels and width expected"
+            )
+        if info.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise UnsupportedModelError(f"{d.model_path}: conv state input '{name}' has dtype {info.dtype}")
+        if info.shape[1:] != first.shape[1:] or info.dtype != first.dtype:
+            raise UnsupportedModelError(
+                f"{d.model_path}: conv state inputs differ in shape or dtype ('{first.name}' {first.shape} "
+                f"{first.dtype}, '{name}' {info.shape} {info.dtype}); one shape for every conv layer expected"
+            )
+    width = int(first.shape[2])
+    if d.conv_width is not None and d.conv_width != width:
+        raise _err(
+            d.cfg_path,
+            f"model.decoder.conv_cache_size is {d.conv_width} but the graph's '{first.name}' is {width} wide",
+        )
+    names = tuple(zip(d.conv_past, d.conv_present, strict=True))
+    return {"conv_names": names, "conv_shape": (int(first.shape[1]), width), "conv_dtype": first.dtype}
+
+
+def _graph_windows(g: onnx.GraphProto) -> dict[str, tuple[int, int]]:
+    """Past key name -> (local_window_size, sliding_window_cache) of each GroupQueryAttention node."""
+    found: dict[str, tuple[int, int]] = {}
+    for node in g.node:
+        if node.op_type != "GroupQueryAttention" or len(node.input) < 4 or not node.input[3]:
+            continue
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        found[node.input[3]] = (int(attrs.get("local_window_size", -1)), int(attrs.get("sliding_window_cache", 0)))
+    return found
+
+
+def _check_declared_window(d: _Declared, windows: Mapping[str, tuple[int, int]]) -> None:
+    """Warn (once per load) when genai_config's sliding_window disagrees with the graph's
+    ``local_window_size`` attributes, which are what the attention op does and what is used."""
+    if not d.sliding:
+        return
+    declared_w = d.sliding.get("window_size")
+    declared_layers = d.sliding.get("layers") or []
+    per = 1 if d.combined else 2
+    kv_layers = d.kv_layers or tuple(range(len(d.past) // per))
+    graph_layers = {}
+    for slot, layer in enumerate(kv_layers):
+        window = windows.get(d.past[per * slot], (-1, 0))[0]
+        if window > 0:
+            graph_layers[layer] = window
+    problems = []
+    if not declared_layers:
+        problems.append("its layer list is empty")
+    elif sorted(declared_layers) != sorted(graph_layers):
+        problems.append(f"it lists layers {sorted(declared_layers)}, the graph windows layers {sorted(graph_layers)}")
+    if graph_layers and any(w != declared_w for w in graph_layers.values()):
+        shown = sorted(set(graph_layers.values()))
+        problems.append(f"its window_size is {declared_w!r}, the graph's local_window_size {shown}")
+    if not graph_layers and declared_w:
+        problems.append("no GroupQueryAttention node of the graph has a local_window_size")
+    if problems:
+        warnings.warn(
+            f"{d.cfg_path}: model.decoder.sliding_window disagrees with the graph ({'; '.join(problems)}); the engine "
+            "uses the graph's local_window_size attributes (window-sized buffers only where sliding_window_cache=1)",
+            stacklevel=4,
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # shared checks
 
 
@@ -721,6 +934,7 @@ def _finish_spec(declared: _Declared, graph: _Graph) -> ModelSpec:
     kv_heads, head_size, vocab = d.kv_heads, d.head_size, d.vocab
     _check_names([ids_name], graph.inputs, "input", model_path)
     _check_names([logits_name], graph.outputs, "output", model_path)
+    _check_declared_state(d, graph)
     _check_names(past, graph.inputs, "past KV input", model_path)
     _check_names(d.present, graph.outputs, "present KV output", model_path)
 
@@ -769,7 +983,7 @@ def _finish_spec(declared: _Declared, graph: _Graph) -> ModelSpec:
     else:
         layout = KVLayout.CONCAT
 
-    known = {ids_name, mask_name, pos_name, *past}
+    known = {ids_name, mask_name, pos_name, *past, *d.conv_past}
     extra = tuple(info for n, info in graph.inputs.items() if n not in known)
     for info in extra:
         if info.name != "use_cache_branch":
@@ -811,6 +1025,7 @@ def _finish_spec(declared: _Declared, graph: _Graph) -> ModelSpec:
         weight_bytes=graph.weight_bytes,
         step_read_bytes=graph.step_read_bytes,
         rope_switch_length=graph.rope_switch_length if layout is KVLayout.GQA_SHARED else None,
+        **_state_fields(d, graph, layout),
         rope_cache_rows=graph.rope_cache_rows if layout is KVLayout.GQA_SHARED else None,
         graph=_GraphSlot(graph.proto),
     )

@@ -20,7 +20,7 @@ from .binding import StepState
 from .chat import load_chat_template, render_chat
 from .config import DEFAULT_MAX_LENGTH, KVLayout, ModelSpec, entry_kind, load_model_spec
 from .decode import DecodeContext, evict, generate_single, run_requests, run_to_end
-from .errors import InsufficientMemoryError, InvalidRequestError, ModelLoadError
+from .errors import InsufficientMemoryError, InvalidRequestError, ModelLoadError, UnsupportedModelError
 from .graph import load_for_generation
 from .kv_cache import kv_cache_bytes_needed
 from .memory import MemoryEstimate, estimate_memory
@@ -125,6 +125,11 @@ class Engine:
         if on_cuda:
             from .cuda import import_cupy, resolve_cuda_graph
 
+            if spec.conv_names:
+                raise UnsupportedModelError(
+                    f"{spec.model_dir}: hybrid models with conv states (layer_types {sorted(set(spec.layer_types))}) "
+                    "run on the CPU provider only for now; use provider='cpu'"
+                )
             import_cupy()  # fail before loading anything when cupy or the device is missing
             resolve_cuda_graph(spec, cuda_graph)
         elif cuda_graph is not None and not isinstance(cuda_graph, bool):

@@ -3,7 +3,10 @@
 * :class:`StaticKVCache` (GroupQueryAttention share-buffer models): one buffer per layer and K/V,
   ``(batch, kv_heads, max_length, head_size)``, allocated once per Engine and bound as BOTH the
   ``past_key_values.*`` input and the ``present.*`` output. ORT's GQA kernel writes the new
-  token's K/V in place at position ``seqlens_k``; nothing is copied between steps.
+  token's K/V in place at position ``seqlens_k``; nothing is copied between steps. A sliding
+  layer whose GroupQueryAttention has ``sliding_window_cache=1`` gets a window-sized buffer
+  (``ModelSpec.kv_length``: window + 16 positions, as onnxruntime-genai sizes it on the CPU); the
+  kernel then addresses it relative to the cache and evicts the oldest positions itself.
 * :class:`GrowingKVCache` (concat and combined layouts): the graph returns ``present`` =
   concat(past, new), one token longer each step. Present outputs are bound to memory ORT
   allocates on the device and handed to the next step as past with ``bind_ortvalue_input``;
@@ -32,12 +35,14 @@ class StaticKVCache:
             raise ValueError(
                 f"StaticKVCache holds host buffers; the {device} cache is engine.cuda.DeviceKVCache (cupy-owned)"
             )
-        shape = spec.kv_shape(batch, max_length)
         self.names = list(zip(spec.past_names, spec.present_names, strict=True))
-        # (batch, kv_heads, max_length, head_size) kv_dtype, cpu: one per layer and K/V
-        self.buffers = [np.zeros(shape, dtype=spec.kv_dtype) for _ in self.names]
+        # (batch, kv_heads, max_length or the window's length, head_size) kv_dtype, cpu: one per layer and K/V
+        self.buffers = [
+            np.zeros(spec.kv_shape(batch, spec.kv_length(past, max_length)), dtype=spec.kv_dtype)
+            for past, _ in self.names
+        ]
         self.batch = batch
-        self.nbytes = len(self.names) * int(np.prod(shape)) * spec.kv_dtype.itemsize
+        self.nbytes = sum(b.nbytes for b in self.buffers)
         # (rows start, rows stop) -> handles of the buffers' views of those rows, made on first use
         self._row_handles: dict[tuple[int, int], list] = {}
 
@@ -140,10 +145,17 @@ def make_kv_cache(spec: ModelSpec, batch: int, max_length: int, device: str = "c
 
 
 def kv_cache_bytes_needed(spec: ModelSpec, max_length: int, batch: int = 1) -> int:
-    """Bytes of KV cache an Engine of ``batch`` rows and ``max_length`` tokens needs at its peak.
+    """Bytes of KV cache (and conv state) an Engine of ``batch`` rows and ``max_length`` tokens
+    needs at its peak.
 
-    Share-buffer GQA: exactly the buffers allocated at load. Growing layouts: a full-length step
-    holds the past and the one-token-longer present at once, so twice the full cache.
+    Share-buffer GQA: exactly the buffers allocated at load (window-sized ones for layers with a
+    window cache). Growing layouts: a full-length step holds the past and the one-token-longer
+    present at once, so twice the full cache. Hybrid models add their double-buffered conv states.
     """
-    full = spec.kv_bytes_per_token * max_length * batch
-    return full if spec.layout is KVLayout.GQA_SHARED else 2 * full
+    channels, width = spec.conv_shape
+    conv = 2 * len(spec.conv_names) * batch * channels * width * spec.conv_dtype.itemsize
+    if spec.layout is KVLayout.GQA_SHARED:
+        per_position = spec.kv_bytes_per_token // (2 * spec.num_kv_layers)  # one K or V buffer, one row
+        lengths = sum(spec.kv_length(name, max_length) for name in spec.past_names)
+        return per_position * lengths * batch + conv
+    return 2 * spec.kv_bytes_per_token * max_length * batch + conv

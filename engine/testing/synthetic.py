@@ -58,7 +58,11 @@ _MAX_MERGES = 400
 _LAYOUTS = ("gqa", "concat")
 _QUANTS = ("fp32", "int4")
 _DTYPES = ("float32", "float16")
-_MODEL_TYPES = ("llama", "phi3")
+_MODEL_TYPES = ("llama", "phi3", "lfm2")
+_LAYER_TYPES = ("full_attention", "sliding_attention", "conv")
+# fields added after the cache key was defined: left out of key() while at their defaults, so the
+# folders of earlier specs keep their keys
+_LATER_FIELDS = {"layer_types": (), "conv_cache": 3, "sliding_window": 0, "window_cache": False}
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,15 @@ class SyntheticSpec:
     weights in ``dtype``) or ``"int4"`` (``com.microsoft.MatMulNBits`` for every projection and the
     lm_head; embeddings stay float). ``dtype``: activations, KV cache and logits.
     ``model_type`` is the genai_config ``model.type`` written to the folder.
+
+    Hybrid and sliding-window models (``layer_types``, one per layer; empty: all
+    ``"full_attention"``): a ``"conv"`` layer is an LFM2-style short convolution (in_proj to
+    B, C, X; causal depthwise Conv of kernel ``conv_cache`` over B*X; C * conv; out_proj) that
+    carries ``past_conv.N`` / ``present_conv.N`` of shape ``(batch, hidden, conv_cache)`` between
+    steps, as onnxruntime-genai's LFM2 builder writes it; it has no KV. A
+    ``"sliding_attention"`` layer (``layout="gqa"`` only) runs GroupQueryAttention with
+    ``local_window_size = sliding_window``, plus ``sliding_window_cache=1`` when ``window_cache``
+    (the builder's attribute for window-sized past/present buffers).
 
     ``rotary_dim = int(head_size * rotary_fraction)`` must be even. onnxruntime's CPU
     GroupQueryAttention also needs ``head_size % 16 == 0`` and ``rotary_dim / 2 % 8 == 0`` (Phi-4-mini:
@@ -95,9 +108,28 @@ class SyntheticSpec:
     accuracy_level: int = 4
     seed: int = 0
     model_type: str = "llama"
+    layer_types: tuple[str, ...] = ()
+    conv_cache: int = 3
+    sliding_window: int = 0
+    window_cache: bool = False
 
     def __post_init__(self) -> None:
         """Reject values the graph builder cannot honour, with a message naming the field."""
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a list read back from JSON
+        if self.layer_types:
+            if len(self.layer_types) != self.layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.layers} layers")
+            bad = [t for t in self.layer_types if t not in _LAYER_TYPES]
+            if bad:
+                raise ValueError(f"SyntheticSpec.layer_types: {bad[0]!r} is not one of {_LAYER_TYPES}")
+            if "conv" in self.layer_types and self.dtype != "float32":
+                raise ValueError("conv layers are built in float32 only (onnxruntime's CPU Conv)")
+            if "sliding_attention" in self.layer_types and (self.layout != "gqa" or self.sliding_window < 1):
+                raise ValueError("sliding_attention layers need layout='gqa' and sliding_window >= 1")
+            if all(t == "conv" for t in self.layer_types):
+                raise ValueError("layer_types needs at least one attention layer")
+        if self.conv_cache < 2:
+            raise ValueError(f"SyntheticSpec.conv_cache must be >= 2, got {self.conv_cache}")
         for field, value, allowed in (
             ("layout", self.layout, _LAYOUTS),
             ("quant", self.quant, _QUANTS),
@@ -136,9 +168,17 @@ class SyntheticSpec:
         """Number of leading dims of each head that the rotary embedding rotates."""
         return int(self.head_size * self.rotary_fraction)
 
+    def layer_type(self, i: int) -> str:
+        """``"full_attention"``, ``"sliding_attention"`` or ``"conv"``: the kind of layer ``i``."""
+        return self.layer_types[i] if self.layer_types else "full_attention"
+
     def key(self) -> str:
         """Short stable hash of every field (and of the file format version), for cache folders."""
-        payload = json.dumps({"format": _FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                fields.pop(name)
+        payload = json.dumps({"format": _FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -459,9 +499,12 @@ def _build_graph(spec: SyntheticSpec, store: _TensorStore) -> onnx.GraphProto:
     )[0]
     for i in range(spec.layers):
         p = f"model.layers.{i}"
-        attention = _gqa_attention if spec.layout == "gqa" else _concat_attention
-        attn = attention(g, p, i, h, shared)
-        o = g.linear(attn, f"{p}.self_attn.o_proj", spec.heads * spec.head_size, spec.hidden)
+        if spec.layer_type(i) == "conv":
+            o = _short_conv(g, p, i, h)
+        else:
+            attention = _gqa_attention if spec.layout == "gqa" else _concat_attention
+            attn = attention(g, p, i, h, shared)
+            o = g.linear(attn, f"{p}.self_attn.o_proj", spec.heads * spec.head_size, spec.hidden)
         h, residual = _skip_norm(g, o, residual, f"{p}.post_attention_layernorm")
         mlp = _mlp(g, p, h)
         next_norm = f"model.layers.{i + 1}.input_layernorm" if i + 1 < spec.layers else "model.norm"
@@ -484,6 +527,11 @@ def _graph_io(spec: SyntheticSpec, dtype: int) -> tuple[list[onnx.ValueInfoProto
         )
     outputs = [helper.make_tensor_value_info("logits", dtype, ["batch_size", "sequence_length", spec.vocab])]
     for i in range(spec.layers):
+        if spec.layer_type(i) == "conv":
+            conv_shape = ["batch_size", spec.hidden, spec.conv_cache]
+            inputs.append(helper.make_tensor_value_info(f"past_conv.{i}", dtype, conv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_conv.{i}", dtype, conv_shape))
+            continue
         for kind in ("key", "value"):
             past_shape = ["batch_size", kv[0], "past_sequence_length", kv[2]]
             present_shape = ["batch_size", kv[0], "total_sequence_length", kv[2]]
@@ -554,6 +602,11 @@ def _gqa_attention(g: _Graph, p: str, i: int, h: str, shared: dict[str, str]) ->
     spec = g.spec
     q, k, v = _qkv(g, p, h)
     out = f"{p}.self_attn/out"
+    window: dict[str, int] = {}
+    if spec.layer_type(i) == "sliding_attention":
+        window["local_window_size"] = spec.sliding_window
+        if spec.window_cache:
+            window["sliding_window_cache"] = 1
     g.op(
         "GroupQueryAttention",
         [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *_gqa_extra(shared)],
@@ -564,8 +617,40 @@ def _gqa_attention(g: _Graph, p: str, i: int, h: str, shared: dict[str, str]) ->
         num_heads=spec.heads,
         kv_num_heads=spec.kv_heads,
         scale=1.0 / math.sqrt(spec.head_size),
+        **window,
     )
     return out
+
+
+# ---- LFM2-style short convolution (hybrid models)
+
+
+def _short_conv(g: _Graph, p: str, i: int, h: str) -> str:
+    """out_proj(C * causal_depthwise_conv(B * X)), [B, C, X] = in_proj(h), as onnxruntime-genai's
+    LFM2 builder writes it: the conv runs over concat(past_conv, B * X) with kernel ``conv_cache``
+    and keeps its last ``seq`` outputs; present_conv is the last ``conv_cache`` columns of that
+    concat."""
+    spec = g.spec
+    hid, width, c = spec.hidden, spec.conv_cache, f"{p}.conv"
+    proj = g.linear(h, f"{c}.in_proj", hid, 3 * hid)  # (b, s, 3 * hidden)
+    chans = g.op("Transpose", [proj], [f"{c}/channels_first"], perm=[0, 2, 1])[0]  # (b, 3 * hidden, s)
+    sizes = g.const(f"const.split_{hid}_{hid}_{hid}", [hid, hid, hid])
+    b, gate, x = g.op("Split", [chans, sizes], [f"{c}/b", f"{c}/c", f"{c}/x"], axis=1)  # 3 x (b, hidden, s)
+    bx = g.op("Mul", [b, x], [f"{c}/bx"])[0]
+    cat = g.op("Concat", [f"past_conv.{i}", bx], [f"{c}/with_past"], axis=2)[0]  # (b, hidden, width + s)
+    w = _uniform(_rng(spec, f"{c}.conv.weight"), hid, width, 1.0 / math.sqrt(width)).reshape(hid, 1, width)
+    weight = g.store.add(f"{c}.conv.weight", w.astype(g.np_dtype))  # (hidden, 1, width) depthwise
+    full = g.op("Conv", [cat, weight], [f"{c}/conv_full"], group=hid, kernel_shape=[width], pads=[0, 0])[0]
+    axes1, axes2 = g.const("const.axes_1", [1]), g.const("const.axes_2", [2])
+    seq = g.op("Gather", [g.op("Shape", [h], [f"{c}/h_shape"])[0], axes1], [f"{c}/seq"], axis=0)[0]  # (1,)
+    start = g.op("Neg", [seq], [f"{c}/start"])[0]  # (1,) -seq
+    end = g.const("const.int64_max", [np.iinfo(np.int64).max])
+    conv = g.op("Slice", [full, start, end, axes2], [f"{c}/conv"])[0]  # (b, hidden, s)
+    keep = g.const(f"const.neg_{width}", [-width])
+    g.op("Slice", [cat, keep, end, axes2], [f"present_conv.{i}"])  # (b, hidden, width)
+    y = g.op("Mul", [gate, conv], [f"{c}/gated"])[0]
+    y = g.op("Transpose", [y], [f"{c}/seq_first"], perm=[0, 2, 1])[0]  # (b, s, hidden)
+    return g.linear(y, f"{c}.out_proj", hid, hid)
 
 
 # ---- Concat layout (plain ONNX ops)
@@ -670,6 +755,25 @@ def _genai_config(spec: SyntheticSpec) -> dict:
     if spec.layout == "concat":
         inputs["position_ids"] = "position_ids"
     inputs |= {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    outputs = {
+        "logits": "logits",
+        "present_key_names": "present.%d.key",
+        "present_value_names": "present.%d.value",
+    }
+    decoder_extra: dict = {}
+    if "conv" in spec.layer_types:  # the keys onnxruntime-genai's LFM2 builder writes
+        decoder_extra["layer_types"] = list(spec.layer_types)
+        decoder_extra["conv_cache_size"] = spec.conv_cache
+        inputs["past_conv_names"] = "past_conv.%d"
+        outputs["present_conv_names"] = "present_conv.%d"
+    if "sliding_attention" in spec.layer_types:
+        decoder_extra["sliding_window"] = {
+            "window_size": spec.sliding_window,
+            "slide_key_value_cache": False,
+            "slide_inputs": False,
+            "layers": [i for i in range(spec.layers) if spec.layer_type(i) == "sliding_attention"],
+            "cache_slack": 0,
+        }
     return {
         "model": {
             "bos_token_id": _BOS,
@@ -680,14 +784,11 @@ def _genai_config(spec: SyntheticSpec) -> dict:
                 "head_size": spec.head_size,
                 "hidden_size": spec.hidden,
                 "inputs": inputs,
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
+                "outputs": outputs,
                 "num_attention_heads": spec.heads,
                 "num_hidden_layers": spec.layers,
                 "num_key_value_heads": spec.kv_heads,
+                **decoder_extra,
             },
             "eos_token_id": _EOS,
             "pad_token_id": _UNK,
