@@ -45,7 +45,7 @@ from .protocol import (
     from_engine_error,
     from_validation_error,
 )
-from .runner import EngineRunner, Event, Job
+from .runner import EngineRunner, Event, Job, Mailbox
 
 _log = logging.getLogger("engine.server")
 _POLL_S = 0.25  # a plain (non-streamed) request checks for a gone client this often
@@ -349,8 +349,8 @@ async def _complete(
     count = len(prompts) * n
     state.admit(count)
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    jobs = [Job(i, loop, events) for i in range(count)]
+    events = Mailbox(loop)
+    jobs = [Job(i, events) for i in range(count)]
     released = False
 
     def release() -> None:
@@ -403,7 +403,7 @@ class _Call:
         kind: str,
         req: ChatCompletionRequest | CompletionRequest,
         jobs: list[Job],
-        events: asyncio.Queue[Event],
+        events: Mailbox,
         t0: float,
         prompts: int,
     ) -> None:
@@ -418,19 +418,18 @@ class _Call:
         self.results: list[GenerationResult | None] = [None] * len(jobs)
         self.last_t: list[float | None] = [None] * len(jobs)  # when each choice's last chunk came
 
-    async def _next(self, poll: bool) -> Event | None:
-        """The next event; None when the request timed out (or, ``poll``, its client left)."""
+    async def _next(self, poll: bool) -> list[Event] | None:
+        """The events there now, or the next; None when the request timed out (or, ``poll``,
+        its client left)."""
         while True:
-            if not self.events.empty():
-                return self.events.get_nowait()
             left = self.deadline - time.perf_counter()
             if left <= 0:
                 return None
-            try:
-                return await asyncio.wait_for(self.events.get(), min(left, _POLL_S) if poll else left)
-            except TimeoutError:
-                if poll and await self.request.is_disconnected():
-                    return None
+            events = await self.events.get(min(left, _POLL_S) if poll else left)
+            if events:
+                return events
+            if poll and await self.request.is_disconnected():
+                return None
 
     def _final(self, ev: Event) -> None:
         """A choice ended: record its result (or raise its error)."""
@@ -467,14 +466,15 @@ class _Call:
         """Wait for every choice; the response body (None when the client left)."""
         pending = len(self.jobs)
         while pending:
-            ev = await self._next(poll=True)
-            if ev is None:
+            events = await self._next(poll=True)
+            if events is None:
                 if time.perf_counter() >= self.deadline:
                     raise self._timeout()
                 return None
-            if ev.final:
-                self._final(ev)
-                pending -= 1
+            for ev in events:
+                if ev.final:
+                    self._final(ev)
+                    pending -= 1
         choices = []
         for i, res in enumerate(self.results):
             assert res is not None
@@ -585,16 +585,13 @@ class _Call:
                 yield self._frame(first)
             pending = len(self.jobs)
             while pending:
-                ev = await self._next(poll=False)
-                if ev is None:
+                batch = await self._next(poll=False)
+                if batch is None:
                     err = self._timeout()
                     release()
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
-                batch = [ev]
-                while not self.events.empty():  # what has piled up goes out in one write
-                    batch.append(self.events.get_nowait())
-                out = []
+                out = []  # what has piled up goes out in one write
                 for e in batch:
                     if e.final:
                         try:

@@ -5,14 +5,15 @@ The event loop never runs a decode step. With an ``auto_batch`` engine, :meth:`E
 queues a request for the engine's worker thread, which runs every queued request in one batch
 that later requests join between decode steps (continuous batching). Without it (``max_batch``
 1: the serialised baseline) one runner thread runs the requests one after another as streams.
-Either way the worker calls back per chunk, and the callback moves the event onto the request's
-``asyncio.Queue`` with ``loop.call_soon_threadsafe``. ``Job.cancel()`` frees the request's batch
-row at the next step (a queued request never starts).
+Either way the worker calls back per chunk, and the callback puts the event in the request's
+:class:`Mailbox` (a deque; the loop is woken with ``loop.call_soon_threadsafe`` once per burst).
+``Job.cancel()`` frees the request's batch row at the next step (a queued request never starts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import queue
 import threading
@@ -42,13 +43,57 @@ class Event:
         return self.chunk is None
 
 
+class Mailbox:
+    """Events of one HTTP request's jobs, from the engine thread to the event loop.
+
+    The engine thread appends to a deque and wakes the loop only when no wake-up is pending, so a
+    burst of tokens costs one cross-thread wake-up, not one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[Event] = collections.deque()
+        self._armed = False  # a wake-up is scheduled and has not run yet
+        self._ready = asyncio.Event()
+
+    def put(self, event: Event) -> None:
+        """Any thread."""
+        self._items.append(event)
+        if not self._armed:
+            self._armed = True
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._armed = False  # before the consumer drains: a later put schedules a new wake-up
+        self._ready.set()
+
+    def drain(self) -> list[Event]:
+        """Event loop: every event there now (maybe none)."""
+        items = self._items
+        out = []
+        while items:
+            out.append(items.popleft())
+        return out
+
+    async def get(self, timeout: float) -> list[Event]:
+        """Event loop: the events there, waiting up to ``timeout`` s for one (none: timed out)."""
+        out = self.drain()
+        if out:
+            return out
+        self._ready.clear()
+        out = self.drain()
+        if out:
+            return out
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.drain()
+
+
 class Job:
     """One choice of one HTTP request, as the engine runs it."""
 
-    def __init__(self, index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event]) -> None:
+    def __init__(self, index: int, mailbox: Mailbox) -> None:
         self.index = index
-        self._loop = loop
-        self._events = events
+        self._mailbox = mailbox
         self.done = False  # set on the event loop when its final event is taken
         self.cancelled = False
         self._ticket: Ticket | None = None
@@ -57,7 +102,7 @@ class Job:
 
     def _put(self, event: Event) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._mailbox.put(event)
         except RuntimeError:  # the loop is closed (the server stopped): nobody reads this job
             self.cancel()
 
