@@ -241,6 +241,83 @@ class StepState:
         return self._logits_one
 
     # ----------------------------------------------------------------------------------------
+    # several new tokens over the cache (row 0, share-buffer GQA caches): a speculative verify
+    # step, or a prompt's suffix after a cached prefix
+
+    def enable_multi_token(self, width: int) -> None:
+        """Make the buffers of :meth:`decode_tokens` for up to ``width`` tokens per run (once per
+        Engine; the graph must return logits for every new position). Share-buffer caches only:
+        tokens rejected later are dropped by :meth:`rewind` (bookkeeping, no KV copy)."""
+        if not self._static or self.mask is None:
+            raise ValueError("several tokens per step need a share-buffer GQA cache with an attention_mask input")
+        spec = self.spec
+        # (1, width) int64/int32, cpu: the pending token then the drafts; the loop writes multi_ids[0, :n]
+        self.multi_ids = np.zeros((1, width), dtype=spec.input_ids.dtype)
+        # (1, width, vocab) float32/float16, cpu: logits of every new position, written by ORT
+        self.multi_logits = np.zeros((1, width, spec.vocab_size), dtype=spec.logits.dtype)
+        self._multi_logits_2d = self.multi_logits[0]  # (width, vocab) view handed to the sampler
+        self._arange = np.arange(width, dtype=np.int64)  # (width,) 0..width-1, for positions
+
+        def views(array: np.ndarray) -> list:
+            """[None, handle of array[:, :1], ..., array[:, :width]] (views of one row are contiguous)."""
+            values = [ort.OrtValue.ortvalue_from_numpy(array[:, :n]) for n in range(1, width + 1)]
+            self._keep.extend(values)
+            return [None] + [self.bind.value(v) for v in values]
+
+        self._multi_ids_handles = views(self.multi_ids)
+        self._multi_logits_handles = views(self.multi_logits)
+        self._multi_positions = None
+        if spec.position_ids is not None:
+            # (1, width) int64/int32, cpu: positions of the new tokens
+            self._multi_positions = np.zeros((1, width), dtype=spec.position_ids.dtype)
+            self._multi_position_handles = views(self._multi_positions)
+        self.multi_width = width
+
+    def decode_tokens(self, n: int) -> np.ndarray:
+        """Run ``multi_ids[0, :n]`` at positions ``length .. length + n - 1`` in one pass; returns
+        the logits of every one of them ``(n, vocab)`` (a view) and leaves the single-token step
+        bound again. ``length`` grows by ``n``; :meth:`rewind` drops the tokens not kept."""
+        length, bind, spec = self.length, self.bind, self.spec
+        bind.bind_input(spec.input_ids.name, self._multi_ids_handles[n])
+        bind.bind_input(self._mask_name, self._mask_handles[length + n])
+        if self._multi_positions is not None:
+            np.add(self._arange[:n], length, out=self._multi_positions[0, :n], casting="unsafe")
+            bind.bind_input(spec.position_ids.name, self._multi_position_handles[n])
+        bind.bind_output(spec.logits.name, self._multi_logits_handles[n])
+        bind.run()
+        self.length = length + n
+        bind.bind_output(spec.logits.name, self._logits_handles[1])  # back to the single-token step
+        self._bind_decode_inputs(1)
+        return self._multi_logits_2d[:n]
+
+    def rewind(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions (share buffer: the next step's shorter
+        mask hides the rest, and later steps overwrite them)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length}: the cache holds {self.length} positions")
+        self.length = length
+
+    def prefill_from(self, prompt_ids: np.ndarray, start: int) -> np.ndarray:
+        """Run ``prompt_ids[:, start:]`` over the first ``start`` cached positions (which must hold
+        ``prompt_ids[:, :start]``): a prompt whose prefix is cached. Returns the last position's
+        logits ``(1, vocab)``, as :meth:`prefill` does."""
+        n = prompt_ids.shape[1]
+        if not self._static or self.mask is None or not 0 < start < n or start > self.length:
+            raise ValueError(f"cannot continue a prompt of {n} tokens from {start} cached positions")
+        self.rows = 1
+        self._bind_rows(1)
+        # (1, n - start) int64/int32, cpu: made per request, as the prefill's ids are
+        ids = np.ascontiguousarray(prompt_ids[:, start:], dtype=self.spec.input_ids.dtype)
+        positions = None
+        if self.position_ids is not None:
+            positions = np.arange(start, n, dtype=self.spec.position_ids.dtype)[None, :]
+        self._run_prompt(ids, self._mask_handles[n], positions, 0)
+        self._bind_rows(1)
+        self.length = n
+        self._bind_decode_inputs(1)
+        return self._logits_one
+
+    # ----------------------------------------------------------------------------------------
     # batches
 
     def _packed_views(self, n: int, max_width: int) -> tuple[list[np.ndarray], list]:

@@ -1,6 +1,8 @@
 """The decode loops: prefill, decode_one_token, and the loops that run a request to its end.
 
     one request:  generate_one        prefill -> sample -> [token rule -> decode_one_token -> sample]*
+                  generate_one_speculative  the same, with drafts from the request's own text
+                                      verified K at a time (engine/speculation.py)
                   generate_one_ahead  the same, one step ahead of the host (ids chosen on the device)
     a batch:      generate_batch      prefill_rows -> [rows' token rule -> decode_rows (+ joiners)]*
     groups:       run_requests        a list of requests in batches of max_batch, or one by one
@@ -28,7 +30,10 @@ from .request import GenerationResult, GenerationStats, Request, StreamChunk
 from .text import IncrementalDetokenizer
 
 if TYPE_CHECKING:
+    from .binding import StepState as CPUStepState
+    from .prefix_cache import PrefixCache
     from .protocols import AheadSampler, BatchSampler, BatchStepState, Sampler, StepState
+    from .speculation import PromptLookupDrafter
     from .tokenizer import Tokenizer
 
 # a join source: (rows free to take, the batch's width now, take them out of the queue?) -> [(row, request)]
@@ -50,6 +55,8 @@ class DecodeContext:
     max_length: int
     max_batch: int
     lookahead: bool = True  # device samplers: run one step ahead of the host (False: a switch for measuring)
+    drafter: PromptLookupDrafter | None = None  # set when the state runs verify passes (speculation)
+    prefix: PrefixCache | None = None  # set when row 0's cache can be reused across requests
 
     @property
     def rope_switch(self) -> int | None:
@@ -69,6 +76,8 @@ class RowOutput:
         self.top: list[dict[int, float]] = []
         self.pieces: list[str] = []
         self.t0 = self.t_first = t0  # prefill start, first token
+        self.cached = 0  # prompt positions reused from the previous request (prefix cache)
+        self.drafted = self.accepted = 0  # speculation: drafts verified, drafts kept
 
     @property
     def ids(self) -> np.ndarray:
@@ -125,6 +134,9 @@ class RowOutput:
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=t_end - req.t_start,
             kv_cache_bytes=ctx.state.kv_nbytes,
+            drafted_tokens=self.drafted,
+            accepted_tokens=self.accepted,
+            cached_prompt_tokens=self.cached,
         )
         return GenerationResult(
             text=text,
@@ -141,8 +153,11 @@ class RowOutput:
 # one request
 
 
-def prefill(ctx: DecodeContext, req: Request) -> Any:
-    """One run over ``req``'s prompt on row 0; returns its logits (1, vocab)."""
+def prefill(ctx: DecodeContext, req: Request, cached: int = 0) -> Any:
+    """One run over ``req``'s prompt on row 0 (over its first ``cached`` positions, left in the
+    cache by the previous request, when > 0); returns its logits (1, vocab)."""
+    if cached:
+        return cast("CPUStepState", ctx.state).prefill_from(req.prompt_ids[None, :], cached)
     return ctx.state.prefill(req.prompt_ids[None, :])
 
 
@@ -157,12 +172,13 @@ def decode_one_token(ctx: DecodeContext, req: Request, row: RowOutput) -> Any:
     return st.decode_one_token()
 
 
-def generate_one(ctx: DecodeContext, req: Request) -> Generator[StreamChunk, None, GenerationResult]:
+def generate_one(ctx: DecodeContext, req: Request, cached: int = 0) -> Generator[StreamChunk, None, GenerationResult]:
     """Prefill, then decode until the row ends; yields a chunk per token, returns the result.
     (The sampler is reset for ``req``: :func:`generate_single` does it.)"""
     st, sampler = ctx.state, ctx.sampler
     row = RowOutput(ctx, 0, req, time.perf_counter())
-    sampler.sample(prefill(ctx, req), st.next_ids)
+    row.cached = cached
+    sampler.sample(prefill(ctx, req, cached), st.next_ids)
     row.t_first = time.perf_counter()
     while True:
         yield row.push(int(st.host_ids[0]), sampler)
@@ -198,17 +214,85 @@ def generate_one_ahead(ctx: DecodeContext, req: Request) -> Generator[StreamChun
         tok = int(sampler.wait(n & 1)[0])
 
 
+def generate_one_speculative(
+    ctx: DecodeContext, req: Request, cached: int = 0
+) -> Generator[StreamChunk, None, GenerationResult]:
+    """:func:`generate_one` with prompt-lookup drafts (engine/speculation.py): after each token the
+    drafter proposes up to K tokens from the prompt and the text so far; one pass runs the pending
+    token and the drafts, and each position is sampled in turn from its own logits, the drafts kept
+    while they equal the token chosen. The first token that differs (or the one after the last
+    draft) is the next pending token. Rejected positions are dropped by :meth:`rewind` (the
+    share-buffer cache is overwritten later). Tokens go through :meth:`RowOutput.push` one at a
+    time, so the row ends at the first one that ends it."""
+    st, sampler = cast("CPUStepState", ctx.state), ctx.sampler
+    drafter = cast("PromptLookupDrafter", ctx.drafter)
+    ids, host = st.multi_ids[0], st.host_ids  # (width,) the verify pass's ids; (1,) the sampled id
+    rows = [st.multi_logits[0, j : j + 1] for j in range(st.multi_width)]  # (1, vocab) views, one per position
+    switch = ctx.rope_switch
+    row = RowOutput(ctx, 0, req, time.perf_counter())
+    row.cached = cached
+    drafter.start(req.prompt_ids.tolist())
+    sampler.sample(prefill(ctx, req, cached), st.next_ids)
+    row.t_first = time.perf_counter()
+    tok = int(host[0])
+    while True:
+        yield row.push(tok, sampler)
+        if row.done or req.cancelled:
+            break
+        drafter.append(tok)
+        base = st.length  # cached positions; ``tok`` goes to position ``base``
+        limit = req.max_new_tokens - row.n - 1  # drafts beyond it could not all be emitted
+        if switch is not None and base <= switch:
+            limit = min(limit, switch - base - 1)  # stay below a LongRoPE switch (decode_one_token recomputes there)
+        k = 0 if req.resume is not None else drafter.propose(ids, limit)
+        if k == 0:
+            sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
+            tok = int(host[0])
+            continue
+        ids[0] = tok
+        st.decode_tokens(k + 1)  # logits after tok and after each draft, read through ``rows``
+        kept = 0
+        for j in range(k + 1):
+            sampler.sample(rows[j], st.next_ids)
+            tok = int(host[0])
+            if j == k or tok != ids[j + 1]:
+                break
+            kept += 1
+            yield row.push(tok, sampler)
+            drafter.append(tok)
+            if row.done or req.cancelled or req.resume is not None:
+                break
+        st.rewind(base + 1 + kept)  # tok and the kept drafts stay cached
+        drafter.feedback(k, kept)
+        row.drafted, row.accepted = drafter.drafted, drafter.accepted
+        if row.done or req.cancelled:
+            break
+        if req.resume is not None:  # evicted after a kept draft: its cache is gone, recompute it
+            sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
+            tok = int(host[0])
+    return row.result(time.perf_counter())
+
+
 def generate_single(ctx: DecodeContext, req: Request) -> Generator[StreamChunk, None, GenerationResult]:
     """One request: the sampler reset for it, then the loop one step ahead when the sampler
-    chooses the ids on the device (and no logprobs, no LongRoPE switch among its steps), else
-    step by step."""
+    chooses the ids on the device (and no logprobs, no LongRoPE switch among its steps), the
+    speculative loop when the request asks for it, else step by step. With a prefix cache the
+    prompt's positions cached by the previous request are reused, and the record is put back
+    when the request ends normally."""
     ctx.sampler.reset(req.params, [req.prompt_ids], checked=True)  # checked once, in engine/request.py
     switch, p = ctx.rope_switch, len(req.prompt_ids)
+    cached = ctx.prefix.take(req.prompt_ids, switch, req.prefix_cache) if ctx.prefix is not None else 0
     # the decode steps run at lengths P .. P + max_new_tokens - 2; one at the switch re-prefills
     crosses = switch is not None and p <= switch <= p + req.max_new_tokens - 2
     if ctx.lookahead and ctx.sampler.on_device and req.params.logprobs is None and not crosses:
         return (yield from generate_one_ahead(ctx, req))
-    return (yield from generate_one(ctx, req))
+    if req.speculation is not None and ctx.drafter is not None:
+        result = yield from generate_one_speculative(ctx, req, cached)
+    else:
+        result = yield from generate_one(ctx, req, cached)
+    if ctx.prefix is not None:
+        ctx.prefix.store(req.prompt_ids, result.token_ids, ctx.state.length)
+    return result
 
 
 def evict(ctx: DecodeContext, req: Request) -> None:
@@ -221,6 +305,8 @@ def evict(ctx: DecodeContext, req: Request) -> None:
 def _resume(ctx: DecodeContext, req: Request, row: RowOutput) -> Any:
     saved, out = req.resume
     req.resume = None
+    if ctx.prefix is not None:
+        ctx.prefix.clear()  # row 0 is rewritten below; the request that held it may have stored it
     if saved is None and not req.params.do_sample:
         saved = 0  # greedy rows draw nothing: any state will do
     if saved is None:
@@ -287,6 +373,8 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
     st, sampler = cast("BatchStepState", ctx.state), cast("BatchSampler", ctx.sampler)
     finished, host_ids = st.finished, st.host_ids
     n = len(reqs)
+    if ctx.prefix is not None:
+        ctx.prefix.clear()  # the batch rewrites row 0
     sampler.reset([r.params for r in reqs], [r.prompt_ids for r in reqs], checked=True)
     t0 = time.perf_counter()
     logits = st.prefill_rows([r.prompt_ids for r in reqs], max(r.max_new_tokens for r in reqs) - 1)

@@ -24,11 +24,13 @@ from .errors import InsufficientMemoryError, InvalidRequestError, ModelLoadError
 from .graph import load_for_generation
 from .kv_cache import kv_cache_bytes_needed
 from .memory import MemoryEstimate, estimate_memory
+from .prefix_cache import PrefixCache
 from .providers import CUDA_EP, SessionConfig, create_session, proc_kib_field, resolve_provider, session_options
 from .request import TOKENIZER_FILES, GenerationResult, Request, RequestPreparer, StreamChunk, is_batch
 from .request import GenerationStats as GenerationStats  # re-exported: part of the public API
 from .sampling import Sampler
 from .scheduler import CLOSED, AutoBatcher, EngineLock, Stream, Ticket
+from .speculation import PromptLookupDrafter, SpeculationConfig, check_mode, load_for_verify, logits_positions_pruned
 from .tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -47,6 +49,36 @@ def estimate_kv_cache_bytes(
     spec = load_model_spec(model_dir)
     length = min(spec.context_length, DEFAULT_MAX_LENGTH) if max_length is None else max_length
     return kv_cache_bytes_needed(spec, length, max_batch)
+
+
+def _speculation_config(options: Mapping[str, int] | None) -> SpeculationConfig:
+    """``Engine(speculation_options=...)`` as a checked config."""
+    if options is None:
+        return SpeculationConfig()
+    if not isinstance(options, Mapping):
+        raise InvalidRequestError(f"speculation_options must be a dict, got {type(options).__name__}")
+    allowed = ("ngram", "min_ngram", "max_draft", "max_cooldown")
+    unknown = sorted(str(k) for k in options if k not in allowed)
+    if unknown:
+        raise InvalidRequestError(f"unknown speculation option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return SpeculationConfig(**options)
+
+
+def _multi_token_refusal(spec: ModelSpec, on_cuda: bool) -> str | None:
+    """Why a pass of several new tokens over the cache (speculation, prefix reuse) cannot run on
+    this engine; None when it can."""
+    if on_cuda:
+        return "runs on the CPU provider only for now (CUDA graphs replay fixed shapes)"
+    if spec.conv_names:
+        return "needs a model whose only state is KV; a hybrid model's conv states cannot be rewound or reused"
+    if spec.window_caches:
+        return "needs full-length KV; window-sized sliding-window caches drop positions that a rewind would need"
+    if spec.layout is not KVLayout.GQA_SHARED or spec.attention_mask is None:
+        return (
+            f"needs a share-buffer GroupQueryAttention model; {spec.model_dir.name} has the {spec.layout.value} "
+            "KV layout, where dropping rejected or stale positions would need a KV copy"
+        )
+    return None
 
 
 def _available_memory() -> int | None:
@@ -83,6 +115,16 @@ class Engine:
             ``None`` (default): on for float16 GroupQueryAttention share-buffer models, off otherwise
             (and off with a warning if ORT refuses to capture the model); ``True`` on a model that
             cannot have one raises InvalidRequestError. See engine/cuda/.
+        speculation: ``"prompt_lookup"``: single requests draft tokens from their own prompt and
+            output and verify them several per forward pass (greedy output unchanged, sampled
+            output of the same distribution); ``None`` (default): off. A request may override it
+            with ``speculation=``. CPU, share-buffer GroupQueryAttention models only (others raise
+            InvalidRequestError); batches take plain steps. See docs/api.md, Speculation.
+        speculation_options: knobs of :class:`~engine.speculation.SpeculationConfig` (``ngram``,
+            ``min_ngram``, ``max_draft``, ``max_cooldown``).
+        prefix_cache: reuse the KV of the previous single request when the next prompt starts with
+            the same ids (chat turns): only the rest of the prompt is prefilled. Off by default; a
+            request may override it with ``prefix_cache=``. CPU, share-buffer GQA models only.
     """
 
     def __init__(
@@ -102,6 +144,9 @@ class Engine:
         warmup: bool = True,
         max_batch: int = 1,
         auto_batch: bool = False,
+        speculation: str | None = None,
+        speculation_options: Mapping[str, int] | None = None,
+        prefix_cache: bool = False,
     ) -> None:
         if not isinstance(max_batch, (int, np.integer)) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1024:
             raise InvalidRequestError(f"max_batch must be an int in 1..1024, got {max_batch!r}")
@@ -118,6 +163,10 @@ class Engine:
                 raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
         if sampler_impl not in ("auto", "cython", "numpy"):
             raise InvalidRequestError(f"sampler_impl must be 'auto', 'cython' or 'numpy', got {sampler_impl!r}")
+        self.speculation = check_mode(speculation)
+        spec_cfg = _speculation_config(speculation_options)
+        if not isinstance(prefix_cache, bool):
+            raise InvalidRequestError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         self.spec = load_model_spec(model_dir)
         spec = self.spec
         self.provider = resolve_provider(provider)
@@ -167,11 +216,20 @@ class Engine:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
         so = session_options(config, spec.weight_bytes, spec.session_options, provider=self.provider)
-        model, edited = load_for_generation(spec, last_token_logits)
+        no_multi = _multi_token_refusal(spec, on_cuda)  # why several tokens per pass cannot run here
+        for option, on in (("speculation", self.speculation is not None), ("prefix_cache", prefix_cache)):
+            if on and no_multi is not None:
+                raise InvalidRequestError(f"{option}: {no_multi}")
+        if self.speculation is not None and last_token_logits:
+            model, edited = load_for_verify(spec, spec_cfg.width)  # logits of the last K + 1 positions
+            last_only = False
+        else:
+            model, edited = load_for_generation(spec, last_token_logits)
+            last_only = edited
         if edited and spec.has_external_data:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(spec.model_dir))
         self.threads = so.intra_op_num_threads
-        self.last_token_logits = edited
+        self.last_token_logits = last_only
         self.cuda_graph = False  # whether the decode step replays a captured CUDA graph
         state: StepState | DeviceStepState
         sampler: Sampler | DeviceSampler
@@ -193,9 +251,26 @@ class Engine:
             where = str(spec.model_path) + (" (with its external data)" if spec.has_external_data else "")
             self.session = create_session(model, self.provider, so, source=where)
             state = StepState(
-                self.session, spec, batch=self.max_batch, max_length=self.max_length, last_token_logits=edited
+                self.session, spec, batch=self.max_batch, max_length=self.max_length, last_token_logits=last_only
             )
             sampler = Sampler(self.max_batch, spec.vocab_size, impl=sampler_impl)
+        no_speculation = no_multi
+        if no_multi is None and last_only:
+            no_speculation = (
+                "this Engine computes the last position's logits only (last_token_logits=True); create it with "
+                "speculation='prompt_lookup' (or last_token_logits=False) to verify drafts"
+            )
+        elif no_multi is None and logits_positions_pruned(self.session, spec.logits.name):
+            no_speculation = (
+                f"{spec.model_path}: the graph's LM head returns the last position only, so drafts cannot be "
+                "verified; export the model with logits for every position"
+            )
+            if self.speculation is not None:
+                raise UnsupportedModelError(f"speculation: {no_speculation}")
+        drafter = None
+        if no_speculation is None:
+            cast(StepState, state).enable_multi_token(spec_cfg.width)
+            drafter = PromptLookupDrafter(spec_cfg)
         self._ctx = DecodeContext(
             spec=spec,
             state=state,
@@ -205,8 +280,18 @@ class Engine:
             tokenizer=self.tokenizer,
             max_length=self.max_length,
             max_batch=self.max_batch,
+            drafter=drafter,
+            prefix=PrefixCache(self.max_length) if no_multi is None else None,
         )
-        self._requests = RequestPreparer(spec, self.tokenizer, self.max_length)
+        self._requests = RequestPreparer(
+            spec,
+            self.tokenizer,
+            self.max_length,
+            speculation=self.speculation,
+            prefix_cache=prefix_cache,
+            no_speculation=no_speculation,
+            no_prefix_cache=None if no_multi is None else f"prefix_cache: {no_multi}",
+        )
         self._lock = EngineLock()
         self._batcher = AutoBatcher(self._lock, self._ctx) if auto_batch else None
         self._freed = False
@@ -517,6 +602,7 @@ class Engine:
             self._freed = True
             self._ctx.state.release()  # bound (device) tensors first
             del self._ctx.state, self._ctx.sampler, self.session
+            self._ctx.prefix = None
             self._ctx.out_ids = np.zeros((0, 0), np.int64)
 
     def __enter__(self) -> Engine:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import ContextLengthError, InvalidRequestError, ModelLoadError
 from .sampling import SamplingParams
+from .speculation import check_mode
 from .text import IncrementalDetokenizer, StopStringMatcher
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+ENGINE_KEYS = frozenset({"speculation", "prefix_cache"})  # per-request overrides of Engine options
 # stop strings are matched against every new piece of text while the engine is held: bound them
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 16384
@@ -43,6 +45,9 @@ class GenerationStats:
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
     kv_cache_bytes: int = 0
+    drafted_tokens: int = 0  # speculation: drafts verified
+    accepted_tokens: int = 0  # speculation: drafts kept (each saved a forward pass)
+    cached_prompt_tokens: int = 0  # prefix cache: prompt positions reused from the previous request
 
 
 @dataclass
@@ -88,6 +93,8 @@ class Request:
     tokenize_s: float
     cancelled: bool = False  # its caller left: its row stops at the next step, with no result
     resume: Any = None  # set while an evicted stream waits to resume (see decode.evict)
+    speculation: str | None = None  # 'prompt_lookup': a single request drafts and verifies (batches: plain steps)
+    prefix_cache: bool = False  # reuse the cached prefix the previous request left on row 0
 
     def cancel(self) -> None:
         """Stop this request at the next decode step (a batch row is freed; no result is made)."""
@@ -135,7 +142,23 @@ def _stop_matcher(stop: Sequence[str] | str | None, has_tokenizer: bool) -> Stop
 class RequestPreparer:
     """Checks and prepares requests for one engine (its vocabulary, tokenizer and max_length)."""
 
-    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer | None, max_length: int) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokenizer: Tokenizer | None,
+        max_length: int,
+        *,
+        speculation: str | None = None,
+        prefix_cache: bool = False,
+        no_speculation: str | None = "this Engine cannot run speculation",
+        no_prefix_cache: str | None = "this Engine has no prefix cache",
+    ) -> None:
+        """``speculation`` and ``prefix_cache``: the Engine's defaults for requests;
+        ``no_speculation`` / ``no_prefix_cache``: why a request cannot turn them on (None: it can)."""
+        self.speculation = speculation
+        self.prefix_cache = prefix_cache
+        self.no_speculation = no_speculation
+        self.no_prefix_cache = no_prefix_cache
         self.spec = spec
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -223,11 +246,14 @@ class RequestPreparer:
         """One request. ``text``: its text is wanted token by token (a stream). ``ids``: the prompt
         already tokenized (a batch tokenizes every row first)."""
         t_start = time.perf_counter() if t_start is None else t_start
+        speculation, prefix_cache = self._engine_options(sampling)
+        sampling = {k: v for k, v in sampling.items() if k not in ENGINE_KEYS}
         unknown = set(sampling) - SAMPLING_KEYS
         if unknown:
             raise InvalidRequestError(
                 f"unknown argument(s) {', '.join(sorted(unknown))}; "
-                f"sampling arguments are {', '.join(sorted(SAMPLING_KEYS))}"
+                f"sampling arguments are {', '.join(sorted(SAMPLING_KEYS))} "
+                f"(and {', '.join(sorted(ENGINE_KEYS))})"
             )
         if ids is None:
             ids = self.prompt_ids(prompt)
@@ -251,7 +277,25 @@ class RequestPreparer:
         detok = None
         if self.tokenizer is not None and (text or matcher is not None):
             detok = IncrementalDetokenizer(self.tokenizer, ids.tolist())
-        return Request(ids, new, params, matcher, detok, t_start, tokenize_s)
+        return Request(
+            ids, new, params, matcher, detok, t_start, tokenize_s, speculation=speculation, prefix_cache=prefix_cache
+        )
+
+    def _engine_options(self, sampling: Mapping[str, Any]) -> tuple[str | None, bool]:
+        """The request's speculation mode and prefix-cache switch (the Engine's unless given)."""
+        speculation = self.speculation
+        if "speculation" in sampling:
+            speculation = check_mode(sampling["speculation"])
+            if speculation is not None and self.no_speculation is not None:
+                raise InvalidRequestError(self.no_speculation)
+        prefix_cache = self.prefix_cache
+        if "prefix_cache" in sampling:
+            prefix_cache = sampling["prefix_cache"]
+            if not isinstance(prefix_cache, bool):
+                raise InvalidRequestError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+            if prefix_cache and self.no_prefix_cache is not None:
+                raise InvalidRequestError(self.no_prefix_cache)
+        return speculation, prefix_cache
 
     def batch(
         self,

@@ -1,0 +1,209 @@
+"""Prompt-lookup speculative decoding: the n-gram drafter and the graph it needs.
+
+On the CPU a batch-1 step of an INT4 model is bound by reading the weights once; a forward pass
+over a few tokens costs little more than over one. So the loop (``generate_one_speculative`` in
+engine/decode.py) guesses the next tokens from text already seen — the prompt and what was
+generated so far — and checks them all in one pass of ``[1, K + 1]`` ids: the pending token and
+``K`` drafts. Each verified position is sampled from its own logits, in order, exactly as a
+plain step would (same penalties, one random draw per emitted token), and drafts are kept while
+they equal the token chosen; the first mismatch is itself the next token. So greedy output is
+token for token that of plain decoding and sampled output has the same distribution (a seeded
+request draws the same stream). Rejected positions are dropped by bookkeeping: the next mask is
+shorter and the share-buffer cache overwrites their slots later.
+
+:class:`PromptLookupDrafter` keeps, for every n-gram size, a dict from the n-gram to where its
+latest occurrence ended, updated as tokens arrive (O(1) per token, no numpy), and proposes the
+tokens that followed the longest n-gram matching the end of the text. Its width adapts: it grows
+after a round where every draft was kept, falls to one more than the kept run otherwise, and a
+round with nothing kept starts a cooldown of plain steps that doubles while rounds keep failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import InvalidRequestError
+from .graph import _find_lm_head
+
+if TYPE_CHECKING:
+    from .config import ModelSpec
+
+PROMPT_LOOKUP = "prompt_lookup"
+SPECULATION_MODES = (PROMPT_LOOKUP,)
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Knobs of prompt lookup.
+
+    Args:
+        ngram: the longest n-gram matched against earlier text (tried from this size down to ``min_ngram``).
+        min_ngram: the shortest n-gram that may propose drafts.
+        max_draft: the most drafts verified in one pass (the pass runs ``max_draft + 1`` tokens).
+        max_cooldown: the most plain steps taken after rounds in which no draft was kept.
+    """
+
+    ngram: int = 3
+    min_ngram: int = 1
+    max_draft: int = 4
+    max_cooldown: int = 16
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("ngram", 1, 16), ("min_ngram", 1, 16), ("max_draft", 1, 32), ("max_cooldown", 0, 1024)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
+                raise InvalidRequestError(f"speculation option {name} must be an int in {lo}..{hi}, got {value!r}")
+        if self.min_ngram > self.ngram:
+            raise InvalidRequestError(f"min_ngram ({self.min_ngram}) must not exceed ngram ({self.ngram})")
+
+    @property
+    def width(self) -> int:
+        """Tokens in the widest verify pass: the pending token and ``max_draft`` drafts."""
+        return self.max_draft + 1
+
+
+def check_mode(value: object) -> str | None:
+    """``value`` as a speculation mode (None: off); InvalidRequestError for anything else."""
+    if value is None or value is False:
+        return None
+    if value not in SPECULATION_MODES:
+        raise InvalidRequestError(f"speculation must be None or 'prompt_lookup', got {value!r}")
+    return PROMPT_LOOKUP
+
+
+class PromptLookupDrafter:
+    """N-gram drafts from the request's own text, with an adaptive width and a cooldown.
+
+    ``start`` once per request (indexes the prompt), ``append`` every token emitted, ``propose``
+    before a step (0: take a plain step), ``feedback`` after a verify pass. Counts ``drafted``
+    and ``accepted`` for the request's stats.
+    """
+
+    def __init__(self, config: SpeculationConfig) -> None:
+        self.config = config
+        self.sizes = list(range(config.ngram, config.min_ngram - 1, -1))  # longest first
+        self.start([])
+
+    def start(self, prompt: list[int]) -> None:
+        """A new request whose text so far is ``prompt``."""
+        self.text: list[int] = []
+        # n -> {n-gram: index just past its latest occurrence (that is not the end of the text)}
+        self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.width = self.config.max_draft
+        self.cooldown = 0
+        self.misses = 0
+        self.drafted = 0
+        self.accepted = 0
+        for tok in prompt:
+            self.append(tok)
+
+    def append(self, tok: int) -> None:
+        """Record one token of the text. The n-grams ending just before it are indexed now, so
+        that a lookup of the n-gram ending the text finds an earlier occurrence, never itself."""
+        text = self.text
+        end = len(text)
+        for n in self.sizes:
+            if end >= n:
+                self.index[n][tuple(text[end - n : end])] = end
+        text.append(tok)
+
+    def propose(self, out: np.ndarray, limit: int) -> int:
+        """Write up to ``min(limit, width)`` drafts into ``out[1:]``; how many (0: none, or cooling down)."""
+        if self.cooldown > 0:
+            self.cooldown -= 1
+            return 0
+        k = min(limit, self.width)
+        if k < 1:
+            return 0
+        text = self.text
+        end = len(text)
+        for n in self.sizes:
+            if end < n:
+                continue
+            at = self.index[n].get(tuple(text[end - n :]))
+            if at is None:
+                continue
+            k = min(k, end - at)  # the tokens that followed the match (at < end always)
+            for i in range(k):
+                out[1 + i] = text[at + i]
+            return k
+        return 0
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """Adapt the width after a verify pass of ``drafted`` drafts of which ``accepted`` were kept."""
+        self.drafted += drafted
+        self.accepted += accepted
+        cfg = self.config
+        if accepted == drafted:
+            self.width = min(cfg.max_draft, self.width + 1)
+        else:
+            self.width = max(1, accepted + 1)
+        if accepted == 0:
+            self.misses += 1
+            self.cooldown = min(cfg.max_cooldown, 1 << (self.misses - 1)) if self.misses > 1 else 0
+        else:
+            self.misses = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the graph: logits of the last few positions
+
+
+def slice_logits_to_last(model: onnx.ModelProto, logits_name: str, width: int) -> bool:
+    """Edit ``model`` in place so ``logits_name`` covers only the last ``width`` positions (all of
+    them when fewer): a verify pass of up to ``width`` tokens gets every logit it needs, and a long
+    prompt's LM head still runs on a few rows. Returns False when the LM head is not recognised."""
+    graph = model.graph
+    head = _find_lm_head(graph, logits_name)
+    if head is None:
+        return False
+    hidden = head.input[0]
+    sliced = hidden + "/engine_last_positions"
+    starts = numpy_helper.from_array(np.array([-width], dtype=np.int64), "engine_last_positions_starts")
+    ends = numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), "engine_last_positions_ends")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "engine_last_positions_axes")
+    graph.initializer.extend([starts, ends, axes])
+    node = helper.make_node(
+        "Slice", [hidden, starts.name, ends.name, axes.name], [sliced], name="engine_last_positions_slice"
+    )
+    head.input[0] = sliced
+    index = next(i for i, n in enumerate(graph.node) if list(n.output) == list(head.output))
+    graph.node.insert(index, node)
+    for out in graph.output:
+        if out.name == logits_name and len(out.type.tensor_type.shape.dim) == 3:
+            dim = out.type.tensor_type.shape.dim[1]
+            dim.Clear()
+            dim.dim_param = "engine_positions"
+    keep = [vi for vi in graph.value_info if vi.name != hidden]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    return True
+
+
+def load_for_verify(spec: ModelSpec, width: int) -> tuple[bytes | str, bool]:
+    """The model to hand to InferenceSession for speculation: the graph with its logits cut to the
+    last ``width`` positions (serialized bytes), or the path itself when no edit applies."""
+    model = spec.take_graph()
+    path = str(spec.model_path)
+    if model is None:
+        model = onnx.load(path, load_external_data=False)
+    if model.ByteSize() > 1_800_000_000:  # protobuf's 2 GB cap: leave big embedded-weight models alone
+        return path, False
+    if not slice_logits_to_last(model, spec.logits.name, width):
+        return path, False
+    return model.SerializeToString(), True
+
+
+def logits_positions_pruned(session: object, logits_name: str) -> bool:
+    """Whether the session's logits output is fixed at one position (an LM head pruned to the
+    last token: no verify pass can get the drafts' logits)."""
+    for out in session.get_outputs():  # type: ignore[attr-defined]
+        if out.name == logits_name:
+            shape = out.shape
+            return len(shape) == 3 and shape[1] == 1
+    return False
