@@ -439,7 +439,8 @@ def _rope_switch_length(g: onnx.GraphProto) -> int | None:
     The onnxruntime-genai builder writes ``If(Greater(total_sequence_length, N))`` choosing between
     the short and long caches (Phi-3/Phi-4 with rope scaling, N = original context, 4096 for
     Phi-4-mini). Keys already in the cache were rotated with the short factors, so generation that
-    crosses N must recompute the cache, as onnxruntime-genai and transformers do.
+    crosses N must recompute the cache to match transformers (which drops its cache there);
+    onnxruntime-genai 0.18 on the CPU does not, and leaves transformers' tokens after the switch.
     """
     producer = {out: n for n in g.node for out in n.output}
     for node in g.node:

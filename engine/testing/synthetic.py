@@ -62,7 +62,8 @@ _MODEL_TYPES = ("llama", "phi3", "lfm2")
 _LAYER_TYPES = ("full_attention", "sliding_attention", "conv")
 # fields added after the cache key was defined: left out of key() while at their defaults, so the
 # folders of earlier specs keep their keys
-_LATER_FIELDS = {"layer_types": (), "conv_cache": 3, "sliding_window": 0, "window_cache": False}
+_LATER_FIELDS = {"layer_types": (), "conv_cache": 3, "sliding_window": 0, "window_cache": False, "longrope": 0}
+LONGROPE_FACTOR = 4.0  # the long cos/sin tables of a ``longrope`` spec rotate this many times slower
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,11 @@ class SyntheticSpec:
     ``"sliding_attention"`` layer (``layout="gqa"`` only) runs GroupQueryAttention with
     ``local_window_size = sliding_window``, plus ``sliding_window_cache=1`` when ``window_cache``
     (the builder's attribute for window-sized past/present buffers).
+
+    ``longrope = N > 0`` (``layout="gqa"``): Phi-3-style LongRoPE, as the builder writes it: the
+    GroupQueryAttention cos/sin caches come from ``If(Greater(total_sequence_length, N))``,
+    choosing long tables (frequencies divided by ``LONGROPE_FACTOR``) past ``N`` tokens and the
+    short (plain) ones up to it.
 
     ``rotary_dim = int(head_size * rotary_fraction)`` must be even. onnxruntime's CPU
     GroupQueryAttention also needs ``head_size % 16 == 0`` and ``rotary_dim / 2 % 8 == 0`` (Phi-4-mini:
@@ -112,6 +118,7 @@ class SyntheticSpec:
     conv_cache: int = 3
     sliding_window: int = 0
     window_cache: bool = False
+    longrope: int = 0
 
     def __post_init__(self) -> None:
         """Reject values the graph builder cannot honour, with a message naming the field."""
@@ -128,6 +135,8 @@ class SyntheticSpec:
                 raise ValueError("sliding_attention layers need layout='gqa' and sliding_window >= 1")
             if all(t == "conv" for t in self.layer_types):
                 raise ValueError("layer_types needs at least one attention layer")
+        if self.longrope and (self.layout != "gqa" or not 0 < self.longrope < self.context_length):
+            raise ValueError("longrope needs layout='gqa' and a switch length in (0, context_length)")
         if self.conv_cache < 2:
             raise ValueError(f"SyntheticSpec.conv_cache must be >= 2, got {self.conv_cache}")
         for field, value, allowed in (
@@ -474,10 +483,11 @@ class _Graph:
         return out
 
 
-def _rotary_tables(spec: SyntheticSpec, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, (context_length, rotary_dim / 2), for positions 0..context_length-1."""
+def _rotary_tables(spec: SyntheticSpec, dtype: np.dtype, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, (context_length, rotary_dim / 2), for positions 0..context_length-1
+    (frequencies divided by ``factor``: LongRoPE's long tables)."""
     rot = spec.rotary_dim
-    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot) / factor
     angles = np.outer(np.arange(spec.context_length, dtype=np.float64), inv_freq)
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
@@ -586,12 +596,41 @@ def _gqa_shared(g: _Graph) -> dict[str, str]:
     total = g.op("Gather", [shape, one], ["attn_mask/total_len_i64"], axis=0)[0]  # () int64
     total32 = g.op("Cast", [total], ["attn_mask/total_seq_len"], to=TensorProto.INT32)[0]  # () int32
     cos, sin = _rotary_tables(g.spec, g.np_dtype)
-    return {
+    shared = {
         "seqlens_k": seqlens_k,
         "total": total32,
         "cos": g.store.add("cos_cache", cos),  # (context_length, rotary_dim / 2)
         "sin": g.store.add("sin_cache", sin),
     }
+    if g.spec.longrope:
+        shared |= _longrope_caches(g, total, shared["cos"], shared["sin"])
+    return shared
+
+
+def _longrope_caches(g: _Graph, total: str, short_cos: str, short_sin: str) -> dict[str, str]:
+    """cos/sin caches chosen by ``If(Greater(total_sequence_length, N))``: long past N, short up to it."""
+    long_cos, long_sin = _rotary_tables(g.spec, g.np_dtype, LONGROPE_FACTOR)
+    long_cos, long_sin = g.store.add("cos_cache_long", long_cos), g.store.add("sin_cache_long", long_sin)
+    switch = g.store.add("const.longrope_switch", np.array(g.spec.longrope, np.int64))  # () scalar
+    flag = g.op("Greater", [total, switch], ["rotary/use_long"])[0]  # (1,) bool
+    tables = ["rotary/cos_cache", "rotary/sin_cache"]
+
+    def branch(name: str, cos: str, sin: str) -> onnx.GraphProto:
+        outs = [f"rotary/{name}_cos", f"rotary/{name}_sin"]
+        nodes = [
+            helper.make_node("Identity", [t], [o], name=f"{o}/Identity") for t, o in zip((cos, sin), outs, strict=True)
+        ]
+        vi = [helper.make_tensor_value_info(o, g.onnx_dtype, None) for o in outs]
+        return helper.make_graph(nodes, f"longrope_{name}", [], vi)
+
+    g.op(
+        "If",
+        [flag],
+        tables,
+        then_branch=branch("long", long_cos, long_sin),
+        else_branch=branch("short", short_cos, short_sin),
+    )
+    return {"cos": tables[0], "sin": tables[1]}
 
 
 def _gqa_extra(shared: dict[str, str]) -> list[str]:
