@@ -11,8 +11,9 @@
    CUDA graphs and no lookahead (each step waits for its ids: ``Engine._lookahead = False``), and
    onnxruntime-genai (CUDA) with and without its own graph capture when ``onnxruntime_genai`` imports.
 4. Checks (exit 1 when one fails): greedy tokens of graph vs no-graph identical; genai vs the
-   engine identical over the first ``--parity-tokens``; an ORT profile of a decode without graphs
-   has no MemcpyToHost/MemcpyFromHost node in any step.
+   engine identical over the first ``--parity-tokens``; ORT profiles of a decode without graphs, at
+   batch 1 and at ``--batch`` rows (the device batch path), have no MemcpyToHost/MemcpyFromHost node
+   in any run.
 5. Timings: one warm-up request each, then ``--reps`` repetitions interleaved (graph, no graph, genai,
    graph, ...); medians of TTFT, prefill and decode tok/s, as a markdown table on stdout and JSON in
    ``--out`` (default perf/results/), cuda-check-<date>-<host>.json.
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new", type=int, default=128, help="new tokens per request (EOS ignored)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--parity-tokens", type=int, default=32, help="tokens genai must match the engine on")
+    p.add_argument("--batch", type=int, default=8, help="rows of the batched decode profiled for Memcpy nodes")
     p.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai even when it imports")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the script")
     p.add_argument("--out", default=None, help="folder for the JSON (default perf/results/)")
@@ -109,16 +111,31 @@ def build_model(layers: int, vocab: int) -> Path:
     return path
 
 
-def memcpy_in_decode(model_dir: Path, provider: str, ids: np.ndarray, max_length: int) -> list[list[str]]:
-    """Memcpy node op types of each decode run of a profiled request (up to 16 tokens) without graphs."""
+def memcpy_in_decode(
+    model_dir: Path, provider: str, ids: np.ndarray, max_length: int, batch: int = 1
+) -> list[list[str]]:
+    """Memcpy node op types of each decode run of a profiled request (up to 16 tokens) without graphs;
+    ``batch`` > 1: a batch of that many rows (``ids`` and shifted copies of it), on the device's batch path."""
     from engine import Engine
     from engine.testing.ort_profile import load_runs
 
-    eng = Engine(model_dir, provider=provider, max_length=max_length, cuda_graph=False, profile=True, warmup=False)
+    eng = Engine(
+        model_dir,
+        provider=provider,
+        max_length=max_length,
+        max_batch=batch,
+        cuda_graph=False,
+        profile=True,
+        warmup=False,
+    )
     eng.eos_token_ids = frozenset()
     trace: Path | None = None
     try:
-        eng.generate(ids, max_new_tokens=min(16, max_length - len(ids)))
+        new = min(16, max_length - len(ids))
+        if batch == 1:
+            eng.generate(ids, max_new_tokens=new)
+        else:
+            eng.generate([np.roll(ids, b) for b in range(batch)], max_new_tokens=new)
         trace = Path(eng.session.end_profiling())
         runs = load_runs(trace)
     finally:  # ORT writes the trace into the working directory: never leave it there
@@ -224,16 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         if genai_div is not None and genai_div < args.parity_tokens:
             failures.append(f"{genai_name} diverges from {engine_name} at token {genai_div} (< {args.parity_tokens})")
 
-    n_copies = -1
-    try:
-        copies = memcpy_in_decode(model_dir, provider, ids, max_length)
-        n_copies = sum(len(c) for c in copies)
-        print(f"Memcpy nodes in the {len(copies)} profiled decode steps (no graph): {n_copies}")
-        if n_copies:
-            failures.append(f"{n_copies} Memcpy nodes in {len(copies)} decode steps: {copies[:2]}")
-    except Exception as e:  # report every problem in one device call
-        failures.append(f"profiled decode raised {type(e).__name__}: {e}")
-        traceback.print_exc()
+    n_copies: dict[int, int] = {}
+    for batch in sorted({1, args.batch}):
+        try:
+            copies = memcpy_in_decode(model_dir, provider, ids, max_length, batch)
+            n_copies[batch] = sum(len(c) for c in copies)
+            print(
+                f"Memcpy nodes in the {len(copies)} profiled decode runs of batch {batch} (no graph): {n_copies[batch]}"
+            )
+            if n_copies[batch]:
+                failures.append(f"batch {batch}: {n_copies[batch]} Memcpy nodes in {len(copies)} runs: {copies[:2]}")
+        except Exception as e:  # report every problem in one device call
+            failures.append(f"profiled decode of batch {batch} raised {type(e).__name__}: {e}")
+            traceback.print_exc()
 
     title = f"phi4-mini-shaped fp16 int4, {args.layers} layers, vocab {args.vocab}, prompt {args.prompt}"
     print(f"\n### {title}, new {args.new} ({provider}: {env['gpu']}, onnxruntime {env['onnxruntime']})\n")

@@ -524,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     infos: list[dict] = []
     batch_rows: list[BatchRow] = []
     concurrent_rows: list[ConcurrentRow] = []
+    cuda_client_rows: list = []  # perf.cuda_batch.ClientRow: concurrent clients on CUDA
     soak: dict = {}
     with tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True) as bar:
         for m in models:
@@ -570,6 +571,20 @@ def main(argv: list[str] | None = None) -> int:
                         progress=bar,
                     )
                 )
+            if "cuda" in providers and "engine" in wanted and (len(batches) > 1 or args.clients > 1):
+                from .cuda_batch import make_perf_sweep
+
+                twin = m if args.model else cuda_twin(m, args)
+                if twin is not None:  # the CUDA batch sweep and clients (perf/cuda_batch.py)
+                    bar.set_description(f"{m.name}/cuda: batches and {args.clients} clients")
+                    tiny = load_model_spec(twin.path).weight_bytes < TINY_BYTES
+                    b_rows, c_rows, c_notes = make_perf_sweep(
+                        m.name, twin.path, "cuda", batches=batches, clients=args.clients, prompt=args.batch_prompt,
+                        new=args.batch_new or (200 if tiny else 32), reps=args.reps,
+                    )  # fmt: skip
+                    batch_rows.extend(b_rows)
+                    cuda_client_rows.extend(c_rows)
+                    log.extend(c_notes)
         if args.soak_tokens > 0 and "engine" in wanted:
             bar.set_description(f"RSS soak ({args.soak_tokens} tokens)")
             soak = rss_soak(tiny_model().path, args.soak_tokens, threads=args.threads)
@@ -624,8 +639,11 @@ def main(argv: list[str] | None = None) -> int:
     if concurrent_rows:
         print(concurrent_table(concurrent_rows))
         print()
-    if "cuda" in providers and len(batches) > 1:
-        log.append("batch sweep: CPU only (the engine's batched generation runs on the CPU provider for now)")
+    if cuda_client_rows:
+        from .cuda_batch import client_table
+
+        print(client_table(cuda_client_rows))
+        print()
     if soak:
         print(
             f"RSS soak ({tiny_model().name}, one Engine, max_batch 4): {soak['tokens']} tokens in "
@@ -663,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_table": batch_table(batch_rows) if batch_rows else "",
         "rss_soak": soak,
         "concurrent_rows": [asdict(r) for r in concurrent_rows],
+        "cuda_client_rows": [asdict(r) for r in cuda_client_rows],
     }
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")
@@ -670,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     if rows and not args.no_plots:
         for path in plot(rows, stem):
             print(f"plot: {path}")
+    if "cuda" in providers and (batch_rows or cuda_client_rows) and not args.no_plots:
+        from .cuda_batch import plot as plot_batches
+
+        print(f"plot: {plot_batches(batch_rows, cuda_client_rows, stem.with_name(stem.name + '-batches.png'))}")
     return 0
 
 

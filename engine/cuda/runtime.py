@@ -26,6 +26,9 @@ from .state import DeviceStepState
 __all__ = ["DeviceRuntime", "create_cuda_runtime", "gqa_runs_on_cuda", "import_cupy", "resolve_cuda_graph"]
 
 CUPY_HINT = "pip install cupy-cuda13x (or the project's 'cuda' extra)"
+# concat / combined-KV models are refused on CUDA until perf/cuda_concat.py (100 engines created,
+# run and freed on a GPU) passes; that check turns this off in its own process to run them
+REFUSE_GROWING_KV = True
 
 
 def import_cupy():
@@ -133,7 +136,7 @@ def create_cuda_runtime(
     """Session, device buffers and sampler of a CUDA engine (``model``: path or edited model bytes);
     ``max_batch`` rows of every buffer (batches and auto_batch's continuous batching run on them)."""
     graph = resolve_cuda_graph(spec, cuda_graph)
-    if spec.layout is not KVLayout.GQA_SHARED:
+    if spec.layout is not KVLayout.GQA_SHARED and REFUSE_GROWING_KV:
         # the growing-KV path (ORT-allocated device presents fed back as past) gave the CPU engine's
         # tokens on an H100, but the process aborted when such an engine was freed (onnxruntime-gpu
         # 1.31). Likely cause: those presents, still bound, were freed after their session (the GQA
