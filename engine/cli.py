@@ -281,6 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         threads=args.threads,
         provider=args.provider,
+        spinning=args.spinning,
         config=config,
         log_level=args.log_level,
     )
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=_int_range(1, 2**30), default=1 << 20, help="largest request body")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set ENGINE_API_KEY)")
     s.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
+    s.add_argument(
+        "--spinning", action="store_true", help="let idle ORT threads spin (off: the event loop needs the cores)"
+    )
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
     return parser

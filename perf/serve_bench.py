@@ -39,7 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, max_length: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str, max_batch: int, max_length: int, threads: int | None, spinning: bool = False
+) -> tuple[subprocess.Popen, str]:
     """``python -m engine serve`` in a subprocess; returns it and its base URL once /health is 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "engine", "serve", "--model", model, "--port", str(port)]
@@ -47,6 +49,8 @@ def start_server(model: str, max_batch: int, max_length: int, threads: int | Non
     cmd += ["--max-queue", "1024"]
     if threads:
         cmd += ["--threads", str(threads)]
+    if spinning:
+        cmd += ["--spinning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -118,16 +122,36 @@ async def run_level(base: str, concurrency: int, requests: int, body: dict[str, 
     }
 
 
-def default_model() -> str:
+# the built-in models: "tiny" is the tests' default synthetic spec (a step costs less than the
+# server's own per-token work); "small" is wider, so that a decode step dominates, as in real models
+SPECS = {
+    "tiny": {"seed": 0},
+    "small": {
+        "layers": 4,
+        "hidden": 256,
+        "heads": 8,
+        "kv_heads": 4,
+        "head_size": 32,
+        "intermediate": 768,
+        "vocab": 1024,
+        "context_length": 1024,
+        "seed": 0,
+    },
+}
+
+
+def default_model(name: str = "small") -> str:
+    """The folder of a built-in synthetic model (built once into a cache folder)."""
     from engine.testing.synthetic import SyntheticSpec, cached_model
 
     cache = os.environ.get("ENGINE_MODEL_CACHE") or Path(tempfile.gettempdir()) / "engine-serve-bench"
-    return str(cached_model(SyntheticSpec(seed=0), cache))
+    return str(cached_model(SyntheticSpec(**SPECS[name]), cache))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the synthetic tiny model)")
+    p.add_argument("--model", default=None, help="model folder (default: the built-in synthetic --spec)")
+    p.add_argument("--spec", choices=sorted(SPECS), default="small", help="built-in synthetic model (default small)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="requests per level (at least the concurrency)")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -135,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batch", type=int, default=32, help="--max-batch of the batched server")
     p.add_argument("--threads", type=int, default=None, help="ORT threads of the server")
+    p.add_argument("--spinning", action="store_true", help="let the server's idle ORT threads spin")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="streamed requests")
     p.add_argument("--out", default="perf/results/serve_bench.json")
     args = p.parse_args(argv)
-    model = args.model or default_model()
+    model = args.model or default_model(args.spec)
     body = {
         "model": "bench",
         "prompt": [3 + (i * 7) % 250 for i in range(args.prompt_tokens)],
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     max_length = args.prompt_tokens + args.max_tokens + 8
     table: dict[str, dict[int, dict[str, float]]] = {}
     for mode, max_batch in (("serialised", 1), ("batched", args.batch)):
-        proc, base = start_server(model, max_batch, max_length, args.threads)
+        proc, base = start_server(model, max_batch, max_length, args.threads, args.spinning)
         try:
             table[mode] = {}
             for c in args.concurrency:

@@ -21,11 +21,13 @@ def serve(
     max_length: int | None = None,
     threads: int | None = None,
     provider: str = "cpu",
+    spinning: bool = False,
     config: ServerConfig | None = None,
     log_level: str = "info",
 ) -> None:
     """Load ``model_dir`` (continuous batching when ``max_batch`` >= 2) and serve it with uvicorn
-    until interrupted. Binds 127.0.0.1 unless told otherwise."""
+    until interrupted. Binds 127.0.0.1 unless told otherwise. ORT's idle threads do not spin by
+    default: the event loop and the clients' sockets need the cores between steps."""
     import uvicorn
 
     from ..generation import Engine
@@ -36,6 +38,7 @@ def serve(
             provider=provider,
             max_length=max_length,
             threads=threads,
+            spinning=spinning,
             max_batch=max_batch,
             auto_batch=max_batch >= 2,
         )

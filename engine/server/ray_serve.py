@@ -52,6 +52,7 @@ def build_app(
             provider=provider,
             max_length=max_length,
             threads=ort_threads,
+            spinning=False,  # the replica's event loop needs the cores between steps
             max_batch=max_batch,
             auto_batch=max_batch >= 2,
         )
