@@ -465,12 +465,25 @@ def test_gpu_batch8_matches_cpu_fp16_rows(model_dirs):
     assert got == want
 
 
+class _CountingRuntime:
+    """cupy.cuda.runtime with memcpyAsync calls recorded as (kind, bytes)."""
+
+    def __init__(self, runtime) -> None:
+        self._runtime = runtime
+        self.calls: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._runtime, name)
+
+    def memcpyAsync(self, dst, src, size, kind, stream):  # cupy's name for it
+        self.calls.append((kind, size))
+        return self._runtime.memcpyAsync(dst, src, size, kind, stream)
+
+
 @pytest.mark.cuda
 def test_gpu_batched_step_copies_only_the_ids(model_dirs, monkeypatch):
     _skip_without_gpu()
     import cupy
-
-    from tests.test_cuda import _CountingRuntime
 
     gpu = _gpu(model_dirs["gqa-fp16"], max_batch=8)
     gpu.eos_token_ids = frozenset()

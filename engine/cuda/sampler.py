@@ -163,7 +163,7 @@ class DeviceSampler:
         self._top_k = np.zeros(batch, np.int64)  # (batch,) int64, 0: off
         self._top_p = np.ones((batch, 1), np.float64)  # (batch, 1) float64, 1: off
         self._sampled = np.zeros(batch, np.bool_)  # (batch,) rows in device mode
-        self._rng_host = ops.pinned_zeros((batch,), np.uint64)  # (batch,) splitmix64 states, staging
+        self._rng_host = np.zeros(batch, np.uint64)  # (batch,) splitmix64 states, staging
         with ops.scope():
             self._d_temperature = ops.zeros((batch, 1), np.float32)  # device twins of the above
             self._d_top_k = ops.zeros((batch,), np.int64)
@@ -171,6 +171,7 @@ class DeviceSampler:
             self._d_sampled = ops.zeros((batch,), np.bool_)
             self._rng = ops.zeros((batch,), np.uint64)  # (batch,) uint64, device: each row's stream
         self._n_device = self._n_host = 0  # rows in device / host mode
+        self._device_params = False  # whether the device parameter arrays hold a sampled row's values
         self.mode = GREEDY
         self.fallback_reason: str | None = None
 
@@ -209,13 +210,16 @@ class DeviceSampler:
                 self._configure(r, per_row[r], r if shared else 0)
             else:
                 self._configure(r, None, 0)
-        ops = self.ops
-        with ops.scope():
-            ops.upload(self._d_temperature, self._temperature)
-            ops.upload(self._d_top_k, self._top_k)
-            ops.upload(self._d_top_p, self._top_p)
-            ops.upload(self._d_sampled, self._sampled)
-            ops.upload(self._rng, self._rng_host)
+        sampled = bool(self._sampled.any())
+        if sampled or self._device_params:  # all-greedy after all-greedy: nothing to copy
+            ops = self.ops
+            with ops.scope():
+                ops.upload(self._d_temperature, self._temperature)
+                ops.upload(self._d_top_k, self._top_k)
+                ops.upload(self._d_top_p, self._top_p)
+                ops.upload(self._d_sampled, self._sampled)
+                ops.upload(self._rng, self._rng_host)
+        self._device_params = sampled
         self._summarize()
 
     def reset_row(
@@ -224,14 +228,17 @@ class DeviceSampler:
         """Start a new request on one row, the others untouched (a row joining a running batch):
         validates (unless ``checked``), seeds the stream ``(seed, 0)`` as a request alone does."""
         self._host.reset_row(row, params, prompt_ids, checked=checked)  # checks row and params first
+        was = bool(self._sampled[row])
         self._configure(row, params, 0)
-        ops, r = self.ops, slice(row, row + 1)
-        with ops.scope():
-            ops.upload(self._d_temperature[r], self._temperature[r])
-            ops.upload(self._d_top_k[r], self._top_k[r])
-            ops.upload(self._d_top_p[r], self._top_p[r])
-            ops.upload(self._d_sampled[r], self._sampled[r])
-            ops.upload(self._rng[r], self._rng_host[r])
+        if was or self._sampled[row]:  # a greedy row after a greedy row: nothing to copy
+            ops, r = self.ops, slice(row, row + 1)
+            with ops.scope():
+                ops.upload(self._d_temperature[r], self._temperature[r])
+                ops.upload(self._d_top_k[r], self._top_k[r])
+                ops.upload(self._d_top_p[r], self._top_p[r])
+                ops.upload(self._d_sampled[r], self._sampled[r])
+                ops.upload(self._rng[r], self._rng_host[r])
+            self._device_params = True
         self._summarize()
 
     def _configure(self, r: int, p: SamplingParams | None, stream: int) -> None:

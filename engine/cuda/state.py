@@ -348,8 +348,10 @@ class DeviceStepState:
             raise ValueError("batches need a DeviceStepState with batch > 1 on a share-buffer model with a mask")
 
     def _send_finished(self) -> None:
-        """Copy the host's finished flags to the device when they changed since the last copy."""
+        """Copy the host's finished flags to the device when they changed since the last copy (a row
+        ended or joined: rare, and the step before has been waited for by then)."""
         if self._finished_view != self._sent_view:
+            self.ops.synchronize()  # an earlier copy out of the page-locked flags has been made
             self._sent_view[:] = self._finished_view
             self.ops.upload(self.finished_device, self._finished_sent)
 
