@@ -534,3 +534,23 @@ def test_gpu_sampled_rows_equal_batch_one(model_dirs):
     alone = [gpu.generate(p, max_new_tokens=16, **k).token_ids for p, k in zip(GPU_PROMPTS, kw, strict=True)]
     got = gpu.generate(GPU_PROMPTS, max_new_tokens=16, **_sampled(kw))
     assert [r.token_ids for r in got] == alone
+
+
+# ------------------------------------------------------------------------------------------------
+# the device script's pieces, dry-run on the CPU
+
+
+@pytest.mark.slow
+def test_concat_cycle_check_dry_run(tmp_path, monkeypatch):
+    """perf/cuda_concat.py's child cycles on the CPU: every cycle reported, tokens against the CPU
+    engine, the JSON written (on a GPU the same script decides whether the refusal can go)."""
+    import json
+
+    from perf import cuda_concat
+
+    monkeypatch.setattr(cuda_concat, "MODELS_DIR", tmp_path / "models")
+    assert cuda_concat.main(["--provider", "cpu", "--cycles", "3", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("cuda-concat-cpu-*.json")
+    runs = json.loads(result.read_text())["results"]
+    assert [(r["cycles_done"], r["finished"], r["returncode"]) for r in runs] == [(3, True, 0)] * 2
+    assert all("layout concat" in r["first_line"] for r in runs)
