@@ -16,8 +16,8 @@ built once into perf/models/):
    steps), and all C to onnxruntime-genai's continuous-batching ``og.Engine`` (engine.dynamic_batching
    with max_batch_size = C) where it starts; tok/s = all new tokens / wall time, x serialised (same
    repetition), and whether every auto_batch / genai result equals the serialised one.
-3. Checks (exit 1 when one fails): batch rows equal their batch-1 runs; auto_batch results equal the
-   serialised ones. Targets (reported, exit 1 with ``--strict``): batch 8 >= 5x batch 1 decode tok/s;
+3. Checks (exit 1 when one fails): batch rows equal their batch-1 runs and genai's rows; auto_batch
+   results equal the serialised ones. Targets (reported, exit 1 with ``--strict``): batch 8 >= 5x batch 1 decode tok/s;
    the most clients through auto_batch >= 4x serialised.
 
 Results: markdown on stdout, JSON and a PNG (tok/s against batch size and clients, one line per
@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in batch_rows:
         if r.engine == "engine" and r.rows_equal_alone is False:
             failures.append(f"{r.provider} batch {r.batch}: the engine's rows differ from their batch-1 runs")
+        if r.engine == "engine" and r.rows_equal_genai is False:
+            failures.append(f"{r.provider} batch {r.batch}: the engine's rows differ from onnxruntime-genai's")
         if r.engine == "engine" and r.batch == 8 and (r.x_b1 or 0) < 5:
             misses.append(f"{r.provider} batch 8 decode is {r.x_b1 or 0:.2f}x batch 1 (target >= 5x)")
     for r in client_rows:
