@@ -535,3 +535,20 @@ def test_cli_serve(model_dir: Path, ref: engine.Engine) -> None:
     finally:
         proc.terminate()
         assert proc.wait(30) in (0, -15)  # uvicorn shuts down, then re-raises the SIGTERM it caught
+
+
+def test_serialised_server(model_dir: Path, ref: engine.Engine) -> None:
+    """A plain engine (max_batch 1, no auto_batch): one runner thread serves requests one by one,
+    with the same answers, streamed or not, and several at once still all answered."""
+    eng = engine.Engine(model_dir, max_length=MAX_LENGTH)
+    with live_server(create_app(eng)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        want = ref.generate("serial", 10).text
+        assert c.completions.create(model="m", prompt="serial", max_tokens=10, temperature=0).choices[0].text == want
+        stream = c.completions.create(model="m", prompt="serial", max_tokens=10, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in stream) == want
+        r = c.completions.create(model="m", prompt=["serial", "two"], max_tokens=10, temperature=0, n=2)
+        two = ref.generate("two", 10).text
+        assert [ch.text for ch in r.choices] == [want, want, two, two]  # prompt by prompt, n each
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="m", prompt="x", max_tokens=MAX_LENGTH * 2)

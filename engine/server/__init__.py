@@ -7,6 +7,8 @@ See docs/serving.md.
 
 from __future__ import annotations
 
+import logging
+
 from .app import ServerConfig, create_app
 
 __all__ = ["ServerConfig", "create_app", "serve"]
@@ -31,6 +33,10 @@ def serve(
     import uvicorn
 
     from ..generation import Engine
+
+    if provider == "cuda" and max_batch > 1:  # batched generation is CPU-only for now
+        logging.getLogger("engine.server").warning("provider cuda: serving with max_batch 1 (one request at a time)")
+        max_batch = 1
 
     def load() -> Engine:
         return Engine(

@@ -578,11 +578,11 @@ class _Call:
         m = self.state.metrics
         try:
             if self.kind == "chat":
-                first = [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                role = {"role": "assistant", "content": ""}
+                yield "".join(
+                    self._frame([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
                     for i in range(len(self.jobs))
-                ]
-                yield self._frame(first)
+                )
             pending = len(self.jobs)
             while pending:
                 batch = await self._next(poll=False)
