@@ -766,9 +766,10 @@ def _declared_layers(
 
     onnxruntime-genai's LFM2 builder writes ``decoder.layer_types`` (``"conv"`` or
     ``"full_attention"`` per layer), ``decoder.conv_cache_size`` and the name templates
-    ``inputs.past_conv_names`` / ``outputs.present_conv_names`` (``past_conv.%d``); the graph has
-    past KV only for the attention layers. Any other layer kind (a recurrent/SSM state) raises
-    :class:`UnsupportedModelError`.
+    ``inputs.past_conv_names`` / ``outputs.present_conv_names`` (0.18: ``past.%d.conv``, states of
+    ``(batch, hidden, kernel - 1)``; later versions ``past_conv.%d``, one column wider: the
+    widths are read from the graph); the graph has past KV only for the attention layers. Any
+    other layer kind (a recurrent/SSM state) raises :class:`UnsupportedModelError`.
     """
     extras: dict[str, Any] = {}
     sliding = dec.get("sliding_window")
@@ -800,10 +801,10 @@ def _declared_layers(
     extras |= {"layer_types": tuple(types), "kv_layers": tuple(attn)}
     if conv:
         past_conv = _layer_names(
-            inputs.get("past_conv_names", "past_conv.%d"), n_layers, cfg_path, "inputs.past_conv_names"
+            inputs.get("past_conv_names", "past.%d.conv"), n_layers, cfg_path, "inputs.past_conv_names"
         )
         present_conv = _layer_names(
-            outputs.get("present_conv_names", "present_conv.%d"), n_layers, cfg_path, "outputs.present_conv_names"
+            outputs.get("present_conv_names", "present.%d.conv"), n_layers, cfg_path, "outputs.present_conv_names"
         )
         extras["conv_past"] = [past_conv[i] for i in conv]
         extras["conv_present"] = [present_conv[i] for i in conv]

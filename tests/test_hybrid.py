@@ -1,7 +1,7 @@
 """Hybrid conv-state models (LFM2-style): conv layers carry a fixed-size state, attention layers KV.
 
 Synthetic models of the shape onnxruntime-genai's LFM2 builder writes (``layer_types``,
-``past_conv.N`` / ``present_conv.N`` of shape (batch, hidden, conv_cache), KV only for the
+``past.N.conv`` / ``present.N.conv`` of shape (batch, hidden, kernel - 1), KV only for the
 attention layers), in both KV layouts, against a numpy forward pass written here (the conv) on
 top of engine/testing/reference.py's pieces (norm, rotary, attention): greedy tokens single and
 batched, rows that join a running batch, requests after requests (the states are reset), and
@@ -27,7 +27,7 @@ from engine.testing.synthetic import SyntheticSpec, cached_model, read_spec
 TYPES = ("conv", "full_attention", "conv", "full_attention")
 SPECS = {
     "gqa": SyntheticSpec(layout="gqa", layers=4, layer_types=TYPES, model_type="lfm2", seed=16),
-    "concat": SyntheticSpec(layout="concat", layers=4, layer_types=TYPES, model_type="lfm2", seed=16, conv_cache=4),
+    "concat": SyntheticSpec(layout="concat", layers=4, layer_types=TYPES, model_type="lfm2", seed=16, conv_kernel=4),
 }
 MAX_LENGTH = 64
 NEW_TOKENS = 14
@@ -45,7 +45,7 @@ def hybrid(request):
 def _ref_conv(spec: SyntheticSpec, weights: _RefWeights, p: str, h: np.ndarray) -> np.ndarray:
     """LFM2 short conv over a whole sequence from a zero state: [B, C, X] = in_proj(h);
     y[t] = sum_k w[k] * (B*X)[t - K + 1 + k] (zero before the start); out_proj(C * y)."""
-    d, k = spec.hidden, spec.conv_cache
+    d, k = spec.hidden, spec.conv_kernel
     bcx = h @ weights.linear(f"{p}.conv.in_proj", d, 3 * d)  # (b, s, 3d)
     b, c, x = bcx[..., :d], bcx[..., d : 2 * d], bcx[..., 2 * d :]
     bx = b * x
@@ -104,8 +104,8 @@ def test_reference_matches_the_graph(hybrid):
     if spec.layout == "concat":
         feeds["position_ids"] = np.arange(ids.shape[1])[None, :]
     for info in session.get_inputs():
-        if info.name.startswith("past_conv"):
-            feeds[info.name] = np.zeros((1, spec.hidden, spec.conv_cache), np.float32)
+        if info.name.endswith(".conv"):
+            feeds[info.name] = np.zeros((1, spec.hidden, spec.conv_kernel - 1), np.float32)
         elif info.name.startswith("past_key_values"):
             feeds[info.name] = np.zeros((1, spec.kv_heads, 0, spec.head_size), np.float32)
     logits = session.run(["logits"], feeds)[0]
@@ -117,8 +117,8 @@ def test_spec_has_kv_only_for_attention_layers(hybrid):
     syn = read_spec(hybrid)
     assert spec.layer_types == TYPES
     assert spec.past_names == tuple(f"past_key_values.{i}.{kv}" for i in (1, 3) for kv in ("key", "value"))
-    assert spec.conv_names == (("past_conv.0", "present_conv.0"), ("past_conv.2", "present_conv.2"))
-    assert spec.conv_shape == (syn.hidden, syn.conv_cache)
+    assert spec.conv_names == (("past.0.conv", "present.0.conv"), ("past.2.conv", "present.2.conv"))
+    assert spec.conv_shape == (syn.hidden, syn.conv_kernel - 1)
     assert spec.num_kv_layers == 2
     assert spec.kv_bytes_per_token == 2 * 2 * syn.kv_heads * syn.head_size * 4
 
@@ -137,7 +137,7 @@ def test_single_greedy_matches_reference(hybrid):
 def test_state_bytes_are_counted(hybrid):
     eng = engine.Engine(hybrid, max_length=MAX_LENGTH, max_batch=2)
     syn = read_spec(hybrid)
-    conv = 2 * 2 * 2 * syn.hidden * syn.conv_cache * 4  # 2 buffers x 2 conv layers x 2 rows
+    conv = 2 * 2 * 2 * syn.hidden * (syn.conv_kernel - 1) * 4  # 2 buffers x 2 conv layers x 2 rows
     state = eng._ctx.state
     assert state.conv.nbytes == conv
     assert state.kv_nbytes >= conv
@@ -224,14 +224,14 @@ def _copy(folder, tmp_path, edit) -> object:
 
 
 def test_undeclared_hybrid_is_an_unsupported_model(tmp_path):
-    """No layer_types: the graph lacks past KV for the conv layers and has past_conv inputs.
+    """No layer_types: the graph lacks past KV for the conv layers and has past.N.conv inputs.
     That is a design the config does not declare, not a corrupted file."""
 
     def drop(dec):
         del dec["layer_types"]
 
     folder = _copy(cached_model(SPECS["gqa"]), tmp_path, drop)
-    with pytest.raises(UnsupportedModelError, match=r"per-layer state besides KV \(past_conv\.0"):
+    with pytest.raises(UnsupportedModelError, match=r"per-layer state besides KV \(past\.0\.conv"):
         load_model_spec(folder)
 
 

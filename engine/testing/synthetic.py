@@ -62,7 +62,7 @@ _MODEL_TYPES = ("llama", "phi3", "lfm2")
 _LAYER_TYPES = ("full_attention", "sliding_attention", "conv")
 # fields added after the cache key was defined: left out of key() while at their defaults, so the
 # folders of earlier specs keep their keys
-_LATER_FIELDS = {"layer_types": (), "conv_cache": 3, "sliding_window": 0, "window_cache": False, "longrope": 0}
+_LATER_FIELDS = {"layer_types": (), "conv_kernel": 3, "sliding_window": 0, "window_cache": False, "longrope": 0}
 LONGROPE_FACTOR = 4.0  # the long cos/sin tables of a ``longrope`` spec rotate this many times slower
 
 
@@ -78,8 +78,8 @@ class SyntheticSpec:
 
     Hybrid and sliding-window models (``layer_types``, one per layer; empty: all
     ``"full_attention"``): a ``"conv"`` layer is an LFM2-style short convolution (in_proj to
-    B, C, X; causal depthwise Conv of kernel ``conv_cache`` over B*X; C * conv; out_proj) that
-    carries ``past_conv.N`` / ``present_conv.N`` of shape ``(batch, hidden, conv_cache)`` between
+    B, C, X; causal depthwise Conv of kernel ``conv_kernel`` over B*X; C * conv; out_proj) that
+    carries ``past.N.conv`` / ``present.N.conv`` of shape ``(batch, hidden, conv_kernel - 1)`` between
     steps, as onnxruntime-genai's LFM2 builder writes it; it has no KV. A
     ``"sliding_attention"`` layer (``layout="gqa"`` only) runs GroupQueryAttention with
     ``local_window_size = sliding_window``, plus ``sliding_window_cache=1`` when ``window_cache``
@@ -115,7 +115,7 @@ class SyntheticSpec:
     seed: int = 0
     model_type: str = "llama"
     layer_types: tuple[str, ...] = ()
-    conv_cache: int = 3
+    conv_kernel: int = 3
     sliding_window: int = 0
     window_cache: bool = False
     longrope: int = 0
@@ -137,8 +137,8 @@ class SyntheticSpec:
                 raise ValueError("layer_types needs at least one attention layer")
         if self.longrope and (self.layout != "gqa" or not 0 < self.longrope < self.context_length):
             raise ValueError("longrope needs layout='gqa' and a switch length in (0, context_length)")
-        if self.conv_cache < 2:
-            raise ValueError(f"SyntheticSpec.conv_cache must be >= 2, got {self.conv_cache}")
+        if self.conv_kernel < 2:
+            raise ValueError(f"SyntheticSpec.conv_kernel must be >= 2, got {self.conv_kernel}")
         for field, value, allowed in (
             ("layout", self.layout, _LAYOUTS),
             ("quant", self.quant, _QUANTS),
@@ -187,6 +187,8 @@ class SyntheticSpec:
         for name, default in _LATER_FIELDS.items():
             if fields[name] == default:
                 fields.pop(name)
+        if self.layer_types or self.longrope:
+            fields["layers_format"] = 2  # hybrid folders: 0.18's past.N.conv of width kernel - 1
         payload = json.dumps({"format": _FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -538,9 +540,9 @@ def _graph_io(spec: SyntheticSpec, dtype: int) -> tuple[list[onnx.ValueInfoProto
     outputs = [helper.make_tensor_value_info("logits", dtype, ["batch_size", "sequence_length", spec.vocab])]
     for i in range(spec.layers):
         if spec.layer_type(i) == "conv":
-            conv_shape = ["batch_size", spec.hidden, spec.conv_cache]
-            inputs.append(helper.make_tensor_value_info(f"past_conv.{i}", dtype, conv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_conv.{i}", dtype, conv_shape))
+            conv_shape = ["batch_size", spec.hidden, spec.conv_kernel - 1]
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.conv", dtype, conv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.conv", dtype, conv_shape))
             continue
         for kind in ("key", "value"):
             past_shape = ["batch_size", kv[0], "past_sequence_length", kv[2]]
@@ -665,18 +667,18 @@ def _gqa_attention(g: _Graph, p: str, i: int, h: str, shared: dict[str, str]) ->
 
 
 def _short_conv(g: _Graph, p: str, i: int, h: str) -> str:
-    """out_proj(C * causal_depthwise_conv(B * X)), [B, C, X] = in_proj(h), as onnxruntime-genai's
-    LFM2 builder writes it: the conv runs over concat(past_conv, B * X) with kernel ``conv_cache``
-    and keeps its last ``seq`` outputs; present_conv is the last ``conv_cache`` columns of that
-    concat."""
+    """out_proj(C * causal_depthwise_conv(B * X)), [B, C, X] = in_proj(h), as onnxruntime-genai
+    0.18's LFM2 builder writes it: the conv runs over concat(past.N.conv, B * X) with kernel
+    ``conv_kernel`` (its last ``seq`` outputs are kept); present.N.conv is the last
+    ``conv_kernel - 1`` columns of that concat."""
     spec = g.spec
-    hid, width, c = spec.hidden, spec.conv_cache, f"{p}.conv"
+    hid, width, c = spec.hidden, spec.conv_kernel, f"{p}.conv"
     proj = g.linear(h, f"{c}.in_proj", hid, 3 * hid)  # (b, s, 3 * hidden)
     chans = g.op("Transpose", [proj], [f"{c}/channels_first"], perm=[0, 2, 1])[0]  # (b, 3 * hidden, s)
     sizes = g.const(f"const.split_{hid}_{hid}_{hid}", [hid, hid, hid])
     b, gate, x = g.op("Split", [chans, sizes], [f"{c}/b", f"{c}/c", f"{c}/x"], axis=1)  # 3 x (b, hidden, s)
     bx = g.op("Mul", [b, x], [f"{c}/bx"])[0]
-    cat = g.op("Concat", [f"past_conv.{i}", bx], [f"{c}/with_past"], axis=2)[0]  # (b, hidden, width + s)
+    cat = g.op("Concat", [f"past.{i}.conv", bx], [f"{c}/with_past"], axis=2)[0]  # (b, hidden, width - 1 + s)
     w = _uniform(_rng(spec, f"{c}.conv.weight"), hid, width, 1.0 / math.sqrt(width)).reshape(hid, 1, width)
     weight = g.store.add(f"{c}.conv.weight", w.astype(g.np_dtype))  # (hidden, 1, width) depthwise
     full = g.op("Conv", [cat, weight], [f"{c}/conv_full"], group=hid, kernel_shape=[width], pads=[0, 0])[0]
@@ -685,8 +687,8 @@ def _short_conv(g: _Graph, p: str, i: int, h: str) -> str:
     start = g.op("Neg", [seq], [f"{c}/start"])[0]  # (1,) -seq
     end = g.const("const.int64_max", [np.iinfo(np.int64).max])
     conv = g.op("Slice", [full, start, end, axes2], [f"{c}/conv"])[0]  # (b, hidden, s)
-    keep = g.const(f"const.neg_{width}", [-width])
-    g.op("Slice", [cat, keep, end, axes2], [f"present_conv.{i}"])  # (b, hidden, width)
+    keep = g.const(f"const.neg_{width - 1}", [1 - width])
+    g.op("Slice", [cat, keep, end, axes2], [f"present.{i}.conv"])  # (b, hidden, width - 1)
     y = g.op("Mul", [gate, conv], [f"{c}/gated"])[0]
     y = g.op("Transpose", [y], [f"{c}/seq_first"], perm=[0, 2, 1])[0]  # (b, s, hidden)
     return g.linear(y, f"{c}.out_proj", hid, hid)
@@ -802,9 +804,9 @@ def _genai_config(spec: SyntheticSpec) -> dict:
     decoder_extra: dict = {}
     if "conv" in spec.layer_types:  # the keys onnxruntime-genai's LFM2 builder writes
         decoder_extra["layer_types"] = list(spec.layer_types)
-        decoder_extra["conv_cache_size"] = spec.conv_cache
-        inputs["past_conv_names"] = "past_conv.%d"
-        outputs["present_conv_names"] = "present_conv.%d"
+        decoder_extra["conv_cache_size"] = spec.conv_kernel - 1
+        inputs["past_conv_names"] = "past.%d.conv"
+        outputs["present_conv_names"] = "present.%d.conv"
     if "sliding_attention" in spec.layer_types:
         decoder_extra["sliding_window"] = {
             "window_size": spec.sliding_window,
