@@ -552,3 +552,17 @@ def test_serialised_server(model_dir: Path, ref: engine.Engine) -> None:
         assert [ch.text for ch in r.choices] == [want, want, two, two]  # prompt by prompt, n each
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="m", prompt="x", max_tokens=MAX_LENGTH * 2)
+
+
+def test_null_fields_are_defaults(base: str, ref: engine.Engine) -> None:
+    """``null`` for an optional field means "not given", as clients that serialise every field send it."""
+    body = {"model": "tiny", "prompt": "nulls", "max_tokens": 6, "temperature": 0, "n": None, "stop": None}
+    body |= {"logprobs": None, "stream": None, "seed": None, "logit_bias": None, "stream_options": None}
+    r = httpx.post(base + "/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == ref.generate("nulls", 6).text
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x", "name": None}], "logprobs": None}
+    assert (
+        httpx.post(base + "/v1/chat/completions", json={**chat, "max_tokens": 3, "top_logprobs": None}).status_code
+        == 200
+    )

@@ -50,6 +50,7 @@ from .runner import EngineRunner, Event, Job, Mailbox
 _log = logging.getLogger("engine.server")
 _POLL_S = 0.25  # a plain (non-streamed) request checks for a gone client this often
 _MASK64 = 2**64 - 1
+_INLINE_START = 4096  # prompt characters or ids (times n) below which a request is queued from the loop
 
 
 @dataclass
@@ -370,7 +371,10 @@ async def _complete(
             runner.start(job, prompts[i // n], max_new_tokens, req.stop, kw, stream=req.stream)
 
     try:
-        await loop.run_in_executor(None, start_all)
+        if sum(len(p) for p in prompts) * n <= _INLINE_START:
+            start_all()  # short prompts: checking and queueing them costs less than a thread hop
+        else:
+            await loop.run_in_executor(None, start_all)  # tokenizing long text must not stall the loop
     except EngineError as e:
         release()
         raise from_engine_error(e) from None

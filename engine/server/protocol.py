@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ContextLengthError, EngineError
 
@@ -63,6 +63,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class _Request(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A top-level ``null`` means "not given" (clients send ``"logprobs": null``, ``"n": null``)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -86,7 +96,7 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class _Sampling(_Strict):
+class _Sampling(_Request):
     """Fields shared by both endpoints (vLLM's extensions top_k, min_p, repetition_penalty included)."""
 
     model: str
