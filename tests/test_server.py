@@ -566,3 +566,23 @@ def test_null_fields_are_defaults(base: str, ref: engine.Engine) -> None:
         httpx.post(base + "/v1/chat/completions", json={**chat, "max_tokens": 3, "top_logprobs": None}).status_code
         == 200
     )
+
+
+def test_clients_that_leave_at_once_leak_nothing(model_dir: Path, ref: engine.Engine) -> None:
+    """Streams and plain requests whose sockets close right after sending: every admitted slot is
+    given back (no 429 afterwards with a queue of 2) and the server answers correctly."""
+    eng = engine.Engine(model_dir, max_length=MAX_LENGTH, max_batch=2, auto_batch=True)
+    app = create_app(eng, config=ServerConfig(max_queue=2))
+    with live_server(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for i in range(24):
+            body = {"model": "m", "prompt": f"bye {i}", "max_tokens": 100, "stream": i % 2 == 0}
+            _raw_stream(port, body).close()
+        state = app.state.server
+        deadline = time.monotonic() + 20
+        while state.inflight:
+            assert time.monotonic() < deadline, f"{state.inflight} slots never given back"
+            time.sleep(0.02)
+        body = {"model": "m", "prompt": "after", "max_tokens": 5, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.generate("after", 5).text

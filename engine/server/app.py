@@ -385,7 +385,7 @@ async def _complete(
     if req.stream:
         _count(state, request, 200)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(call.sse(release), media_type="text/event-stream", headers=headers)
+        return _EventStream(call.sse(release), release, headers=headers)
     try:
         body = await call.collect()
     finally:
@@ -395,6 +395,22 @@ async def _complete(
         return Response(status_code=499)
     _count(state, request, 200)
     return JSONResponse(body)
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent-events response that releases its request's slots and cancels its choices
+    however it ends, also when the client left before the first event (the body's generator,
+    never started, would not run its ``finally``)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class _Call:
