@@ -167,8 +167,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _print_error("--stream takes one --prompt (a batch prints each result when it is done)")
         return 2
     _lenient_stdio()
-    # no KV rows beyond the prompts given; batches run on the CPU provider only (a list runs one by one on CUDA)
-    args.max_batch = 1 if args.provider == "cuda" else max(1, min(args.max_batch, len(args.prompt)))
+    # no KV rows beyond the prompts given
+    args.max_batch = max(1, min(args.max_batch, len(args.prompt)))
     eng = _engine(args)
     prompts: list[list[int] | str] = list(args.prompt)
     if args.chat:
