@@ -261,3 +261,15 @@ def test_inconsistent_hybrid_config(tmp_path, edit, error, match):
         load_model_spec(folder)
     # the engine answers the next load normally
     assert load_model_spec(cached_model(SPECS["gqa"])).conv_names
+
+
+def test_evicted_stream_resumes_with_its_conv_states_recomputed(hybrid):
+    """A call from the stream's own thread evicts the suspended stream (another request takes row
+    0 and its states); the stream resumes by recomputing its cache from its prompt and tokens."""
+    eng = engine.Engine(hybrid, max_length=MAX_LENGTH)
+    prompt, other = _prompt(12, 9), _prompt(13, 6)
+    stream = iter(eng.stream(prompt, max_new_tokens=NEW_TOKENS))
+    first = [next(stream).token_id for _ in range(4)]
+    assert eng.generate(other, max_new_tokens=6).token_ids == reference_greedy(hybrid, other, 6)
+    rest = [c.token_id for c in stream]
+    assert first + rest == reference_greedy(hybrid, prompt, NEW_TOKENS)
