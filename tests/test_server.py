@@ -347,15 +347,17 @@ def test_api_key(model_dir: Path) -> None:
 
 
 def _slow_steps(eng: engine.Engine, seconds: float) -> None:
-    """Make every batched decode step take at least ``seconds`` (so that a test can act mid-request)."""
+    """Make every decode step, batched or single, take at least ``seconds`` (so that a test can act
+    mid-request)."""
     state = eng._state
-    step = state.decode_rows
+    for name in ("decode_rows", "decode_one_token"):
+        step = getattr(state, name)
 
-    def slow() -> Any:
-        time.sleep(seconds)
-        return step()
+        def slow(step: Any = step) -> Any:
+            time.sleep(seconds)
+            return step()
 
-    state.decode_rows = slow
+        setattr(state, name, slow)
 
 
 def _watch_tickets(eng: engine.Engine) -> list[Any]:
