@@ -7,6 +7,7 @@ file wires them together at load and holds the public API.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -57,7 +58,7 @@ def _speculation_config(options: Mapping[str, int] | None) -> SpeculationConfig:
         return SpeculationConfig()
     if not isinstance(options, Mapping):
         raise InvalidRequestError(f"speculation_options must be a dict, got {type(options).__name__}")
-    allowed = ("ngram", "min_ngram", "max_draft", "max_cooldown")
+    allowed = tuple(f.name for f in dataclasses.fields(SpeculationConfig))
     unknown = sorted(str(k) for k in options if k not in allowed)
     if unknown:
         raise InvalidRequestError(f"unknown speculation option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
@@ -121,7 +122,7 @@ class Engine:
             with ``speculation=``. CPU, share-buffer GroupQueryAttention models only (others raise
             InvalidRequestError); batches take plain steps. See docs/api.md, Speculation.
         speculation_options: knobs of :class:`~engine.speculation.SpeculationConfig` (``ngram``,
-            ``min_ngram``, ``max_draft``, ``max_cooldown``).
+            ``min_ngram``, ``max_draft``, ``max_cooldown``, ``draft_cost``).
         prefix_cache: reuse the KV of the previous single request when the next prompt starts with
             the same ids (chat turns): only the rest of the prompt is prefilled. Off by default; a
             request may override it with ``prefix_cache=``. CPU, share-buffer GQA models only.

@@ -143,6 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--membw-gib", type=float, default=1.0, help="array size of the bandwidth test (0: skip)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default perf/results)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="skip the prompt-lookup and prefix-cache benchmarks (perf/speculation.py)",
+    )
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be >= 1")
@@ -588,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.soak_tokens > 0 and "engine" in wanted:
             bar.set_description(f"RSS soak ({args.soak_tokens} tokens)")
             soak = rss_soak(tiny_model().path, args.soak_tokens, threads=args.threads)
+    speculation: dict = {}
+    if not args.no_speculation and "engine" in wanted and "cpu" in providers:
+        from .speculation import run_all as run_speculation
+
+        print("speculation and prefix-cache benchmarks (perf/speculation.py) ...", file=sys.stderr)
+        speculation = run_speculation(models, new_tiny=64, new=32, reps=args.reps, threads=args.threads)
     # after the models, so that the bandwidth test's arrays do not count in their peak RSS
     print("measuring memory bandwidth ...", file=sys.stderr)
     membw = memory_bandwidth(int(args.membw_gib * (1 << 30))) if args.membw_gib > 0 else {}
@@ -651,6 +662,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{soak['rss_start_bytes'] / MiB:.1f} MiB, at the end {soak['rss_end_bytes'] / MiB:.1f} MiB "
             f"(growth {soak['growth_bytes'] / MiB:+.2f} MiB, max {soak['max_growth_bytes'] / MiB:+.2f} MiB)"
         )
+    if speculation:
+        print(speculation["speculation_table"])
+        print()
+        print(speculation["chat_table"])
+        print()
+        log.extend(speculation["notes"])
     for line in log:
         print(f"note: {line}")
     print(f"wall time {wall_s:.0f} s (synthetic model build {build_s:.0f} s)")
@@ -682,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_soak": soak,
         "concurrent_rows": [asdict(r) for r in concurrent_rows],
         "cuda_client_rows": [asdict(r) for r in cuda_client_rows],
+        "speculation": speculation,
     }
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")

@@ -40,7 +40,7 @@ def _drafts(d: PromptLookupDrafter, limit: int = 8) -> list[int]:
 
 
 def test_drafter_proposes_what_followed_the_longest_match():
-    d = PromptLookupDrafter(SpeculationConfig(ngram=3, max_draft=4))
+    d = PromptLookupDrafter(SpeculationConfig(ngram=3, max_draft=4, draft_cost=0.01))  # cheap drafts: full width
     d.start([5, 6, 7, 8, 9, 10, 1, 6, 7, 2, 3, 5, 6, 7])
     # the 3-gram (5, 6, 7) occurred at the start: the tokens after it, not after the later (6, 7)
     assert _drafts(d) == [8, 9, 10, 1]
@@ -56,37 +56,64 @@ def test_drafter_never_matches_the_end_of_the_text_itself():
 
 
 def test_drafter_latest_occurrence_and_min_ngram():
-    d = PromptLookupDrafter(SpeculationConfig(ngram=2, min_ngram=2))
+    d = PromptLookupDrafter(SpeculationConfig(ngram=2, min_ngram=2, draft_cost=0.01))
     d.start([4, 1, 9, 4, 1, 8, 0, 4, 1])
     assert _drafts(d) == [8, 0, 4, 1]  # the latest earlier (4, 1) was followed by 8
     d.append(7)
     assert _drafts(d) == []  # (1, 7) never occurred and 1-grams are off
 
 
-def test_drafter_width_adapts_and_cools_down():
-    cfg = SpeculationConfig(max_draft=4, max_cooldown=4)
+def test_drafter_width_follows_the_kept_rate_and_cools_down():
+    cfg = SpeculationConfig(max_draft=4, max_cooldown=4, draft_cost=0.15)
     d = PromptLookupDrafter(cfg)
-    d.start([1, 2, 3, 4, 5, 6, 1, 2])
-    assert d.width == 4
-    d.feedback(4, 1)
-    assert d.width == 2  # one more than the kept run
-    d.feedback(2, 2)
-    assert d.width == 3  # all kept: grows
-    d.feedback(3, 0)
-    assert (d.width, d.cooldown) == (1, 0)  # the first miss: no cooldown yet
-    d.feedback(1, 0)
+    assert d.best_width(0.95, 4) == 4  # drafts nearly always kept: as many as allowed
+    assert d.best_width(0.6, 4) == 2
+    assert d.best_width(0.05, 4) == 0  # no width pays for its pass
+    assert d.best_width(0.95, 2) == 2
+    d.start([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3])
+    assert _drafts(d) == [4, 5]  # the prior estimate (60% kept): two drafts
+    for _ in range(3):
+        d.feedback(4, 4)
+    assert _drafts(d) == [4, 5, 6, 7]  # rounds that kept everything widen it
+    d.feedback(4, 0)
+    assert d.cooldown == 0  # the first miss: no cooldown yet
+    assert 0.6 < d.kept[3] / d.tried[3] < 0.9
+    assert len(_drafts(d)) == 4  # one miss after a run of kept drafts: still wide
+    d.feedback(4, 0)
     assert d.cooldown == 2  # misses in a row: plain steps, doubling up to max_cooldown
     assert _drafts(d) == [] and _drafts(d) == []
-    assert _drafts(d) != []
-    d.feedback(1, 0)
-    d.feedback(1, 0)
+    for _ in range(4):
+        d.feedback(1, 0)
     assert d.cooldown == 4
-    assert (d.drafted, d.accepted) == (12, 3)
+    d.cooldown = 0
+    assert _drafts(d) == [4]  # a poor estimate: one draft only, a probe
+    assert (d.drafted, d.accepted) == (24, 12)
+
+
+def test_drafter_estimates_per_ngram_size():
+    d = PromptLookupDrafter(SpeculationConfig(ngram=2, min_ngram=1))
+    d.start([7, 8, 9, 7, 8, 5, 6, 8])
+    assert _drafts(d) == [5, 6]  # only (8,) matches: its estimate
+    assert d.last_n == 1
+    for _ in range(4):
+        d.feedback(2, 0)
+        d.cooldown = 0
+    d.append(5)
+    assert _drafts(d) == [6, 8]  # (8, 5) matched: the 2-gram estimate, untouched by the 1-gram misses
+    assert d.last_n == 2
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"ngram": 0}, {"max_draft": 0}, {"max_draft": 99}, {"ngram": 2, "min_ngram": 3}, {"max_cooldown": -1}],
+    [
+        {"ngram": 0},
+        {"max_draft": 0},
+        {"max_draft": 99},
+        {"ngram": 2, "min_ngram": 3},
+        {"max_cooldown": -1},
+        {"draft_cost": 0},
+        {"draft_cost": "1"},
+    ],
 )
 def test_config_out_of_range_is_refused(kwargs):
     with pytest.raises(InvalidRequestError):
