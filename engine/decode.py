@@ -240,11 +240,14 @@ def generate_one_speculative(
         if row.done or req.cancelled:
             break
         drafter.append(tok)
+        if req.resume is not None:  # evicted while suspended: recompute the cache, re-read the text
+            tok = _resume_speculative(ctx, req, row)
+            continue
         base = st.length  # cached positions; ``tok`` goes to position ``base``
         limit = req.max_new_tokens - row.n - 1  # drafts beyond it could not all be emitted
         if switch is not None and base <= switch:
             limit = min(limit, switch - base - 1)  # stay below a LongRoPE switch (decode_one_token recomputes there)
-        k = 0 if req.resume is not None else drafter.propose(ids, limit)
+        k = drafter.propose(ids, limit)
         if k == 0:
             sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
             tok = int(host[0])
@@ -262,15 +265,25 @@ def generate_one_speculative(
             drafter.append(tok)
             if row.done or req.cancelled or req.resume is not None:
                 break
-        st.rewind(base + 1 + kept)  # tok and the kept drafts stay cached
+        if req.resume is None:  # (an evicted stream's cache is another request's now)
+            st.rewind(base + 1 + kept)  # tok and the kept drafts stay cached
         drafter.feedback(k, kept)
-        row.drafted, row.accepted = drafter.drafted, drafter.accepted
+        row.drafted += k
+        row.accepted += kept
         if row.done or req.cancelled:
             break
-        if req.resume is not None:  # evicted after a kept draft: its cache is gone, recompute it
-            sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
-            tok = int(host[0])
+        if req.resume is not None:  # evicted after a kept draft: the next token comes from a recomputed cache
+            tok = _resume_speculative(ctx, req, row)
     return row.result(time.perf_counter())
+
+
+def _resume_speculative(ctx: DecodeContext, req: Request, row: RowOutput) -> int:
+    """A speculative stream evicted while suspended: its next token from a recomputed cache
+    (:func:`decode_one_token`), and the drafter, which served the request that evicted it, fed
+    its own text again."""
+    ctx.sampler.sample(decode_one_token(ctx, req, row), ctx.state.next_ids)
+    cast("PromptLookupDrafter", ctx.drafter).start([*req.prompt_ids.tolist(), *row.ids.tolist()])
+    return int(ctx.state.host_ids[0])
 
 
 def generate_single(ctx: DecodeContext, req: Request) -> Generator[StreamChunk, None, GenerationResult]:

@@ -227,6 +227,20 @@ def test_sampled_seeded_same_tokens_as_plain(plain, spec_eng, grounded):
     assert kept > 0
 
 
+@pytest.mark.parametrize("split", [3, 17, 18, 19, 20, 21])
+def test_evicted_stream_resumes_exactly(plain, spec_eng, grounded, split):
+    """A speculative stream left suspended (after a plain token or a kept draft) and evicted by
+    another request on the same thread resumes with the tokens it gets alone, drafting again."""
+    want = plain.generate(grounded, 80).token_ids
+    s = spec_eng.stream(grounded, 80)
+    first = [next(s).token_id for _ in range(split)]
+    other = spec_eng.generate(STORY, 30)  # this thread's call evicts the suspended stream
+    assert other.token_ids == plain.generate(STORY, 30).token_ids
+    rest = [c.token_id for c in s]
+    assert first + rest == want
+    assert s.result is not None and s.result.stats.accepted_tokens > split // 4
+
+
 def test_longrope_switch_is_not_crossed_by_a_verify_pass(spec_eng, plain, grounded, monkeypatch):
     import dataclasses
 
