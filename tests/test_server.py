@@ -267,6 +267,14 @@ BAD_REQUESTS = {
         {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
         "top_logprobs",
     ),
+    "prompt of a wrong shape": ("/v1/completions", {"model": "tiny", "prompt": {"a": 1}}, "prompt"),
+    "mixed prompt list": ("/v1/completions", {"model": "tiny", "prompt": ["a", [1, 2]]}, "prompt"),
+    "image content": (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content",
+    ),
+    "lone surrogate": ("/v1/completions", {"model": "tiny", "prompt": "\ud800"}, None),
     "prompt too long": ("/v1/completions", {"model": "tiny", "prompt": [5] * (MAX_LENGTH + 1)}, None),
     "max_tokens too large": ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": MAX_LENGTH * 10}, None),
 }
@@ -278,7 +286,8 @@ def test_bad_request_is_400(base: str, case: str) -> None:
     for stream in (False, True):
         if stream and "stream_options" in body:
             continue
-        r = httpx.post(base + path, json={**body, "stream": True} if stream else body, timeout=30)
+        data = json.dumps({**body, "stream": True} if stream else body)  # ASCII: a lone surrogate as its escape
+        r = httpx.post(base + path, content=data, headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 400, (case, stream, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"

@@ -50,13 +50,26 @@ def from_engine_error(e: EngineError) -> APIError:
 def from_validation_error(e: ValidationError) -> APIError:
     """A pydantic error as a 400 naming the first bad field (``messages.0.role``)."""
     err = e.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    parts = [str(p) for p in err.get("loc", ())]
+    # a union's branch tags ("str", "list[int]") are not fields: the field is what comes before
+    fields = [p for p in parts if not (p in _TYPE_TAGS or "[" in p)]
+    loc = ".".join(fields)
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         msg = f"unknown or unsupported field {loc!r}"
+    elif len(fields) < len(parts) and fields and fields[-1] in _UNION_HELP:
+        msg = f"{loc}: must be {_UNION_HELP[fields[-1]]}"
     else:
         msg = f"{loc}: {err.get('msg', 'invalid value')}" if loc else str(err.get("msg", "invalid request"))
     return APIError(400, msg, param=loc or None)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
+_UNION_HELP = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of lists of token ids",
+    "content": "a string, a list of text parts ({'type': 'text', 'text': ...}), or null",
+    "stop": "a string or a list of strings",
+}
 
 
 class _Strict(BaseModel):
