@@ -44,6 +44,7 @@ _log = logging.getLogger("engine")
 CLOSED = "this Engine is closed; create a new one"
 STREAM_IDLE_S = 2.0  # a stream suspended this long gives the engine to a waiting caller
 _POLL_S = 0.05  # waits re-check their condition this often (a missed wake-up costs at most this)
+WORKER_LINGER_S = 0.02  # an idle auto_batch worker waits this long for more requests before it leaves
 
 T = TypeVar("T")
 
@@ -398,6 +399,7 @@ class AutoBatcher:
         try:
             while True:
                 self._lock.run(self._drain, count=False)
+                self._linger()
                 with self._qlock:
                     if not self._queue or self._lock.closed:
                         if self._worker is me:
@@ -413,6 +415,13 @@ class AutoBatcher:
                 queued, self._queue[:] = list(self._queue), []
             for t in queued:
                 t.finish(error=failed)
+
+    def _linger(self) -> None:
+        """The queue is empty: wait ``WORKER_LINGER_S`` for more (the engine not held), so that
+        back-to-back requests (a server's clients) do not pay a new worker thread each."""
+        end = time.monotonic() + WORKER_LINGER_S
+        while not self._queue and not self._lock.closed and time.monotonic() < end:
+            time.sleep(0.0005)
 
     def _drain(self) -> None:
         while not self._lock.contended:
