@@ -112,6 +112,9 @@ class PromptLookupDrafter:
         self.tails = [0] * (self.config.ngram + 1)  # n -> key of the last n ids (valid once n ids are in)
         self.kept = dict.fromkeys(self.sizes, _PRIOR[0])  # n -> decayed drafts kept after an n-gram match
         self.tried = dict.fromkeys(self.sizes, _PRIOR[1])  # n -> decayed drafts tried (kept + first rejected)
+        # n -> the best width for that estimate (expected tokens per cost rise then fall with the
+        # width, so the best within a smaller limit is this one capped)
+        self.best = dict.fromkeys(self.sizes, self.best_width(_PRIOR[0] / _PRIOR[1], self.config.max_draft))
         self.width = 0  # the width of the last proposal
         self.last_n = self.sizes[0]  # the n-gram size of the last proposal
         self.cooldown = 0
@@ -151,7 +154,7 @@ class PromptLookupDrafter:
                 continue
             # the tokens that followed the match (at < end always); at least one: a round that
             # keeps nothing starts a cooldown, which bounds how often a poor estimate is probed
-            k = max(1, self.best_width(self.kept[n] / self.tried[n], min(limit, end - at)))
+            k = max(1, min(self.best[n], limit, end - at))
             for i in range(k):
                 out[1 + i] = text[at + i]
             self.width, self.last_n = k, n
@@ -179,6 +182,7 @@ class PromptLookupDrafter:
         n = self.last_n
         self.kept[n] = _DECAY * self.kept[n] + accepted
         self.tried[n] = _DECAY * self.tried[n] + accepted + (accepted < drafted)
+        self.best[n] = self.best_width(self.kept[n] / self.tried[n], self.config.max_draft)
         if accepted == 0:
             self.misses += 1
             self.cooldown = min(self.config.max_cooldown, 1 << (self.misses - 1)) if self.misses > 1 else 0
