@@ -64,7 +64,10 @@ _STORM = textwrap.dedent(
     stop = threading.Event()
     rng = random.Random(7)
 
+    go = threading.Event()
+
     def storm():
+        go.wait()  # started before the storm: an interrupt cannot land in Thread.start()
         while not stop.is_set():
             time.sleep(rng.uniform(0.0, 0.003))
             os.kill(os.getpid(), signal.SIGINT)
@@ -82,6 +85,7 @@ _STORM = textwrap.dedent(
     storm_thread.start()
     while True:  # an interrupt may land anywhere here, the loop's own bookkeeping included
         try:
+            go.set()
             while interrupted < storms:
                 try:
                     eng.generate([1, 5, 9, 13], max_new_tokens=12)

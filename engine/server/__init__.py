@@ -7,7 +7,6 @@ See docs/serving.md.
 
 from __future__ import annotations
 
-import logging
 
 from .app import ServerConfig, create_app
 
@@ -33,10 +32,6 @@ def serve(
     import uvicorn
 
     from ..generation import Engine
-
-    if provider == "cuda" and max_batch > 1:  # batched generation is CPU-only for now
-        logging.getLogger("engine.server").warning("provider cuda: serving with max_batch 1 (one request at a time)")
-        max_batch = 1
 
     def load() -> Engine:
         return Engine(
