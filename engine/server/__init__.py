@@ -7,7 +7,6 @@ See docs/serving.md.
 
 from __future__ import annotations
 
-
 from .app import ServerConfig, create_app
 
 __all__ = ["ServerConfig", "create_app", "serve"]
