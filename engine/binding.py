@@ -32,6 +32,24 @@ _MAX_CACHED = 64  # row-range OrtValues kept for reuse before the cache is empti
 _PACKED_ROW_COUNTS = 4  # batch sizes whose packed-mask views are kept
 
 
+def check_join(
+    row: int, rows: int, batch: int, finished: bool, width: int, p: int, max_steps: int, max_length: int
+) -> None:
+    """The rule both step states (CPU and device) apply before a prompt of ``p`` tokens joins row
+    ``row`` of a running batch of ``rows`` rows and ``width`` columns: a stopped row or the next
+    one, a prompt no wider than the batch, and room for ``max_steps`` more steps. ValueError
+    otherwise."""
+    if not 0 <= row <= rows or row >= batch:
+        raise ValueError(f"row {row} is neither a row of the running batch (0..{rows - 1}) nor the next one")
+    if row < rows and not finished:
+        raise ValueError(f"row {row} is still running")
+    if not 1 <= p <= width or width + max_steps > max_length:
+        raise ValueError(
+            f"a prompt of {p} tokens with {max_steps} more steps does not fit the batch "
+            f"(width {width}, max_length {max_length})"
+        )
+
+
 class StepState:
     """Preallocated, pre-bound buffers of one Engine: up to ``batch`` rows, fixed max length.
 
@@ -437,15 +455,9 @@ class StepState:
         if not self._static or self.packed_mask is None:
             raise ValueError("join_row needs a share-buffer GQA cache and a StepState with batch > 1")
         n, width, p = self.rows, self.length, int(prompt.size)
-        if not 0 <= row <= n or row >= self.batch:
-            raise ValueError(f"row {row} is neither a row of the running batch (0..{n - 1}) nor the next one")
-        if row < n and not self.finished[row]:
-            raise ValueError(f"row {row} is still running")
-        if not 1 <= p <= width or width + max_steps > self.max_length:
-            raise ValueError(
-                f"a prompt of {p} tokens with {max_steps} more steps does not fit the batch "
-                f"(width {width}, max_length {self.max_length})"
-            )
+        check_join(
+            row, n, self.batch, bool(self.finished[row]) if row < n else True, width, p, max_steps, self.max_length
+        )
         rows = max(n, row + 1)
         # views for the new row count as wide as any row of the batch may still need (review: a
         # joiner shorter than the other rows left them too short)

@@ -39,22 +39,25 @@ def _find_lm_head(graph: onnx.GraphProto, logits_name: str) -> onnx.NodeProto | 
     return None
 
 
-def slice_logits_to_last_token(model: onnx.ModelProto, logits_name: str) -> bool:
-    """Edit ``model`` in place so ``logits_name`` covers only the last position. Returns False when the
-    LM head cannot be recognised (the model is then left unchanged)."""
+def slice_logits_to_last(model: onnx.ModelProto, logits_name: str, width: int = 1) -> bool:
+    """Edit ``model`` in place so ``logits_name`` covers only the last ``width`` positions (all of
+    them when fewer): one for decoding, ``K + 1`` for a speculative verify pass, while a long
+    prompt's LM head still runs on a few rows only. Returns False when the LM head cannot be
+    recognised (the model is then left unchanged)."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
     graph = model.graph
     head = _find_lm_head(graph, logits_name)
     if head is None:
         return False
+    tag = "engine_last_token" if width == 1 else "engine_last_positions"
     hidden = head.input[0]
-    sliced = hidden + "/engine_last_token"
-    starts = numpy_helper.from_array(np.array([-1], dtype=np.int64), "engine_last_token_starts")
-    ends = numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), "engine_last_token_ends")
-    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "engine_last_token_axes")
+    sliced = f"{hidden}/{tag}"
+    starts = numpy_helper.from_array(np.array([-width], dtype=np.int64), f"{tag}_starts")
+    ends = numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), f"{tag}_ends")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), f"{tag}_axes")
     graph.initializer.extend([starts, ends, axes])
-    node = helper.make_node(
-        "Slice", [hidden, starts.name, ends.name, axes.name], [sliced], name="engine_last_token_slice"
-    )
+    node = helper.make_node("Slice", [hidden, starts.name, ends.name, axes.name], [sliced], name=f"{tag}_slice")
     head.input[0] = sliced
     # insert right before the head so the node list stays topologically sorted
     index = next(i for i, n in enumerate(graph.node) if list(n.output) == list(head.output))
@@ -63,12 +66,20 @@ def slice_logits_to_last_token(model: onnx.ModelProto, logits_name: str) -> bool
         if out.name == logits_name and len(out.type.tensor_type.shape.dim) == 3:
             dim = out.type.tensor_type.shape.dim[1]
             dim.Clear()
-            dim.dim_value = 1
+            if width == 1:
+                dim.dim_value = 1
+            else:
+                dim.dim_param = "engine_positions"
     # drop stale inferred shapes of tensors downstream of the head
     keep = [vi for vi in graph.value_info if vi.name != hidden]
     del graph.value_info[:]
     graph.value_info.extend(keep)
     return True
+
+
+def slice_logits_to_last_token(model: onnx.ModelProto, logits_name: str) -> bool:
+    """:func:`slice_logits_to_last` of one position: the logits a decode step needs."""
+    return slice_logits_to_last(model, logits_name, 1)
 
 
 def load_for_generation(spec: ModelSpec, last_token_logits: bool) -> tuple[bytes | str, bool]:

@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from .errors import InvalidRequestError
-from .graph import _find_lm_head
+from .graph import slice_logits_to_last
 
 if TYPE_CHECKING:
     from .config import ModelSpec
@@ -192,37 +191,6 @@ class PromptLookupDrafter:
 
 # ------------------------------------------------------------------------------------------------
 # the graph: logits of the last few positions
-
-
-def slice_logits_to_last(model: onnx.ModelProto, logits_name: str, width: int) -> bool:
-    """Edit ``model`` in place so ``logits_name`` covers only the last ``width`` positions (all of
-    them when fewer): a verify pass of up to ``width`` tokens gets every logit it needs, and a long
-    prompt's LM head still runs on a few rows. Returns False when the LM head is not recognised."""
-    graph = model.graph
-    head = _find_lm_head(graph, logits_name)
-    if head is None:
-        return False
-    hidden = head.input[0]
-    sliced = hidden + "/engine_last_positions"
-    starts = numpy_helper.from_array(np.array([-width], dtype=np.int64), "engine_last_positions_starts")
-    ends = numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), "engine_last_positions_ends")
-    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "engine_last_positions_axes")
-    graph.initializer.extend([starts, ends, axes])
-    node = helper.make_node(
-        "Slice", [hidden, starts.name, ends.name, axes.name], [sliced], name="engine_last_positions_slice"
-    )
-    head.input[0] = sliced
-    index = next(i for i, n in enumerate(graph.node) if list(n.output) == list(head.output))
-    graph.node.insert(index, node)
-    for out in graph.output:
-        if out.name == logits_name and len(out.type.tensor_type.shape.dim) == 3:
-            dim = out.type.tensor_type.shape.dim[1]
-            dim.Clear()
-            dim.dim_param = "engine_positions"
-    keep = [vi for vi in graph.value_info if vi.name != hidden]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)
-    return True
 
 
 def load_for_verify(spec: ModelSpec, width: int) -> tuple[bytes | str, bool]:

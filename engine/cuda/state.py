@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..binding import check_join
 from ..config import KVLayout, ModelSpec
 from ..iobinding import FastBinding
 from ..kv_cache import GrowingKVCache
@@ -416,15 +417,9 @@ class DeviceStepState:
         max_steps <= max_length``, else ValueError; its logits replace the row's in ``logits``."""
         self._check_batches()
         n, width, p = self.rows, self.length, int(prompt.size)
-        if not 0 <= row <= n or row >= self.batch:
-            raise ValueError(f"row {row} is neither a row of the running batch (0..{n - 1}) nor the next one")
-        if row < n and not self.finished[row]:
-            raise ValueError(f"row {row} is still running")
-        if not 1 <= p <= width or width + max_steps > self.max_length:
-            raise ValueError(
-                f"a prompt of {p} tokens with {max_steps} more steps does not fit the batch "
-                f"(width {width}, max_length {self.max_length})"
-            )
+        check_join(
+            row, n, self.batch, bool(self.finished[row]) if row < n else True, width, p, max_steps, self.max_length
+        )
         self._set_mask_row(row, p)
         self._run_prompt(row, [prompt])
         with self.ops.scope():
