@@ -17,7 +17,7 @@ import pytest
 
 import engine
 from engine.config import load_model_spec
-from engine.testing.reference import _ref_attention, _ref_rms, _RefWeights
+from engine.testing.reference import _ref_attention, _RefWeights, decoder_forward, greedy_continuation
 from engine.testing.synthetic import LONGROPE_FACTOR, SyntheticSpec, cached_model, read_spec
 
 SWITCH = 24
@@ -39,26 +39,11 @@ def reference_logits(folder, ids: np.ndarray) -> np.ndarray:
     weights = _RefWeights(folder, spec)
     length = ids.shape[1]
     cos, sin = _tables(spec, length, LONGROPE_FACTOR if length > spec.longrope else 1.0)
-    x = weights.dense("model.embed_tokens.weight")[ids]
-    for i in range(spec.layers):
-        p = f"model.layers.{i}"
-        h = _ref_rms(x, weights.dense(f"{p}.input_layernorm.weight"), spec.rms_eps)
-        x = x + _ref_attention(spec, weights, p, h, cos, sin)
-        h = _ref_rms(x, weights.dense(f"{p}.post_attention_layernorm.weight"), spec.rms_eps)
-        gate = h @ weights.linear(f"{p}.mlp.gate_proj", spec.hidden, spec.intermediate)
-        up = h @ weights.linear(f"{p}.mlp.up_proj", spec.hidden, spec.intermediate)
-        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ weights.linear(
-            f"{p}.mlp.down_proj", spec.intermediate, spec.hidden
-        )
-    x = _ref_rms(x, weights.dense("model.norm.weight"), spec.rms_eps)
-    return x @ weights.linear("lm_head", spec.hidden, spec.vocab)
+    return decoder_forward(spec, weights, ids, lambda i, p, h: _ref_attention(spec, weights, p, h, cos, sin))
 
 
 def reference_greedy(folder, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(np.argmax(reference_logits(folder, np.array([ids]))[0, -1])))
-    return ids[len(prompt) :]
+    return greedy_continuation(lambda ids: reference_logits(folder, ids), prompt, n)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import pytest
 import engine
 from engine.config import WINDOW_CACHE_SLACK, load_model_spec
 from engine.kv_cache import kv_cache_bytes_needed
-from engine.testing.reference import _ref_rms, _ref_rope, _ref_rotary, _RefWeights
+from engine.testing.reference import _ref_rope, _ref_rotary, _RefWeights, decoder_forward, greedy_continuation
 from engine.testing.synthetic import SyntheticSpec, cached_model, read_spec
 
 W = 8
@@ -72,28 +72,17 @@ def reference_logits(folder, ids: np.ndarray) -> np.ndarray:
     """(batch, seq, vocab) float64 logits; sliding layers attend to their last W keys."""
     spec = read_spec(folder)
     weights = _RefWeights(folder, spec)
-    x = weights.dense("model.embed_tokens.weight")[ids]
     cos, sin = _ref_rotary(spec, ids.shape[1])
-    for i in range(spec.layers):
-        p = f"model.layers.{i}"
+
+    def mixer(i: int, p: str, h: np.ndarray) -> np.ndarray:
         window = spec.sliding_window if spec.layer_type(i) == "sliding_attention" else None
-        h = _ref_rms(x, weights.dense(f"{p}.input_layernorm.weight"), spec.rms_eps)
-        x = x + _attention(spec, weights, p, h, cos, sin, window)
-        h = _ref_rms(x, weights.dense(f"{p}.post_attention_layernorm.weight"), spec.rms_eps)
-        gate = h @ weights.linear(f"{p}.mlp.gate_proj", spec.hidden, spec.intermediate)
-        up = h @ weights.linear(f"{p}.mlp.up_proj", spec.hidden, spec.intermediate)
-        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ weights.linear(
-            f"{p}.mlp.down_proj", spec.intermediate, spec.hidden
-        )
-    x = _ref_rms(x, weights.dense("model.norm.weight"), spec.rms_eps)
-    return x @ weights.linear("lm_head", spec.hidden, spec.vocab)
+        return _attention(spec, weights, p, h, cos, sin, window)
+
+    return decoder_forward(spec, weights, ids, mixer)
 
 
 def reference_greedy(folder, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(np.argmax(reference_logits(folder, np.array([ids]))[0, -1])))
-    return ids[len(prompt) :]
+    return greedy_continuation(lambda ids: reference_logits(folder, ids), prompt, n)
 
 
 def _prompt(seed: int, n: int) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ from onnx import numpy_helper
 
 from engine.testing.synthetic import SyntheticSpec, read_spec
 
-__all__ = ["reference_logits"]
+__all__ = ["decoder_forward", "greedy_continuation", "reference_logits"]
 
 
 def reference_logits(model_dir: str | os.PathLike, input_ids: np.ndarray) -> np.ndarray:
@@ -38,19 +39,43 @@ def reference_logits(model_dir: str | os.PathLike, input_ids: np.ndarray) -> np.
     if ids.shape[1] > spec.context_length:
         raise ValueError(f"sequence length {ids.shape[1]} exceeds context_length {spec.context_length}")
     weights = _RefWeights(folder, spec)
-    x = weights.dense("model.embed_tokens.weight")[ids]  # (batch, seq, hidden)
     cos, sin = _ref_rotary(spec, ids.shape[1])  # (seq, rotary_dim / 2)
+
+    def attention(i: int, p: str, h: np.ndarray) -> np.ndarray:
+        return _ref_attention(spec, weights, p, h, cos, sin)
+
+    return decoder_forward(spec, weights, ids, attention).astype(np.float32)
+
+
+Mixer = Callable[[int, str, np.ndarray], np.ndarray]
+
+
+def decoder_forward(spec: SyntheticSpec, weights: _RefWeights, ids: np.ndarray, mixer: Mixer) -> np.ndarray:
+    """The Llama skeleton around each layer's token mixer, in float64: embedding, then per layer
+    ``x += mixer(layer, prefix, rmsnorm(x))`` and a SwiGLU MLP, then the final norm and the LM
+    head. ``mixer`` is causal attention for plain models; tests of other families (conv layers,
+    sliding windows, LongRoPE tables) pass their own. Returns (batch, seq, vocab) float64."""
+    x = weights.dense("model.embed_tokens.weight")[ids]  # (batch, seq, hidden)
     for i in range(spec.layers):
         p = f"model.layers.{i}"
         h = _ref_rms(x, weights.dense(f"{p}.input_layernorm.weight"), spec.rms_eps)
-        x = x + _ref_attention(spec, weights, p, h, cos, sin)
+        x = x + mixer(i, p, h)
         h = _ref_rms(x, weights.dense(f"{p}.post_attention_layernorm.weight"), spec.rms_eps)
         gate = h @ weights.linear(f"{p}.mlp.gate_proj", spec.hidden, spec.intermediate)
         up = h @ weights.linear(f"{p}.mlp.up_proj", spec.hidden, spec.intermediate)
         silu = gate / (1.0 + np.exp(-gate))
         x = x + (silu * up) @ weights.linear(f"{p}.mlp.down_proj", spec.intermediate, spec.hidden)
     x = _ref_rms(x, weights.dense("model.norm.weight"), spec.rms_eps)
-    return (x @ weights.linear("lm_head", spec.hidden, spec.vocab)).astype(np.float32)
+    return x @ weights.linear("lm_head", spec.hidden, spec.vocab)
+
+
+def greedy_continuation(logits: Callable[[np.ndarray], np.ndarray], prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` by whole-sequence passes of ``logits`` ((1, seq) ids ->
+    (1, seq, vocab)); no state is carried from one pass to the next."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(np.argmax(logits(np.array([ids]))[0, -1])))
+    return ids[len(prompt) :]
 
 
 def _dequantize_int4(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: int) -> np.ndarray:
