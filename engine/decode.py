@@ -249,11 +249,16 @@ def generate_one_speculative(
             limit = min(limit, switch - base - 1)  # stay below a LongRoPE switch (decode_one_token recomputes there)
         k = drafter.propose(ids, limit)
         if k == 0:
-            sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
+            t0 = time.perf_counter()
+            logits = decode_one_token(ctx, req, row)
+            drafter.observe(1, time.perf_counter() - t0)  # the pass costs that set the draft width
+            sampler.sample(logits, st.next_ids)
             tok = int(host[0])
             continue
         ids[0] = tok
+        t0 = time.perf_counter()
         st.decode_tokens(k + 1)  # logits after tok and after each draft, read through ``rows``
+        drafter.observe(k + 1, time.perf_counter() - t0)
         kept = 0
         for j in range(k + 1):
             sampler.sample(rows[j], st.next_ids)
@@ -274,6 +279,14 @@ def generate_one_speculative(
             break
         if req.resume is not None:  # evicted after a kept draft: the next token comes from a recomputed cache
             tok = _resume_speculative(ctx, req, row)
+        if drafter.exhausted:  # the text copies nothing: plain steps for the rest of the request
+            while True:
+                yield row.push(tok, sampler)
+                if row.done or req.cancelled:
+                    break
+                sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
+                tok = int(host[0])
+            break
     return row.result(time.perf_counter())
 
 

@@ -50,7 +50,8 @@ class SpeculationConfig:
         min_ngram: the shortest n-gram that may propose drafts.
         max_draft: the most drafts verified in one pass (the pass runs ``max_draft + 1`` tokens).
         max_cooldown: the most plain steps taken after rounds in which no draft was kept.
-        draft_cost: what each draft adds to the cost of a pass, in plain steps (sets the width).
+        draft_cost: what each draft adds to the cost of a pass, in plain steps, until the passes'
+            own times are measured (the drafter times every pass and uses those ratios from then on).
     """
 
     ngram: int = 3
@@ -87,6 +88,10 @@ def check_mode(value: object) -> str | None:
 
 _DECAY = 0.7  # weight of the past in the kept-draft estimate, per round
 _PRIOR = (0.6, 1.0)  # (kept, tried) the estimate starts from: a draft is kept 60% of the time
+_COST_DECAY = 0.9  # weight of the past in each width's mean pass time
+# rounds in a row with nothing kept, and none kept before in the request: it stops drafting (with
+# cooldowns of 1, 2, 4, 8 plain steps between them, after some 20 tokens)
+GIVE_UP_MISSES = 5
 
 
 class PromptLookupDrafter:
@@ -100,7 +105,27 @@ class PromptLookupDrafter:
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
         self.sizes = list(range(config.ngram, config.min_ngram - 1, -1))  # longest first
+        # width -> decayed mean seconds of a pass of that many tokens (index 0 unused; 0.0: not
+        # measured yet); kept across requests: the costs belong to the model and the machine
+        self.pass_s = [0.0] * (config.width + 1)
         self.start([])
+
+    def observe(self, width: int, seconds: float) -> None:
+        """Record the time of one pass of ``width`` tokens (1: a plain step). An outlier past four
+        times the mean so far (a recomputed cache, a preempted thread) is left out."""
+        mean = self.pass_s[width]
+        if mean == 0.0:
+            self.pass_s[width] = seconds
+        elif seconds < 4.0 * mean:
+            self.pass_s[width] = _COST_DECAY * mean + (1.0 - _COST_DECAY) * seconds
+
+    def cost(self, drafts: int) -> float:
+        """Cost of a verify pass with ``drafts`` drafts, in plain steps: the measured ratio once
+        both passes have been timed, else ``1 + draft_cost * drafts``."""
+        step, wide = self.pass_s[1], self.pass_s[drafts + 1]
+        if step > 0.0 and wide > 0.0:
+            return max(1.0, wide / step)
+        return 1.0 + self.config.draft_cost * drafts
 
     def start(self, prompt: list[int]) -> None:
         """A new request whose text so far is ``prompt``."""
@@ -112,7 +137,8 @@ class PromptLookupDrafter:
         self.kept = dict.fromkeys(self.sizes, _PRIOR[0])  # n -> decayed drafts kept after an n-gram match
         self.tried = dict.fromkeys(self.sizes, _PRIOR[1])  # n -> decayed drafts tried (kept + first rejected)
         # n -> the best width for that estimate (expected tokens per cost rise then fall with the
-        # width, so the best within a smaller limit is this one capped)
+        # width, so the best within a smaller limit is this one capped). Each size starts with a
+        # one-draft probe: a wide pass is paid for only after drafts of that size were kept.
         self.best = dict.fromkeys(self.sizes, self.best_width(_PRIOR[0] / _PRIOR[1], self.config.max_draft))
         self.width = 0  # the width of the last proposal
         self.last_n = self.sizes[0]  # the n-gram size of the last proposal
@@ -120,6 +146,9 @@ class PromptLookupDrafter:
         self.misses = 0
         self.drafted = 0
         self.accepted = 0
+        # text that copies nothing: after GIVE_UP_MISSES rounds with no draft kept, the request
+        # takes plain steps without the drafter's per-token bookkeeping
+        self.exhausted = False
         for tok in prompt:
             self.append(int(tok))
 
@@ -163,12 +192,11 @@ class PromptLookupDrafter:
     def best_width(self, rate: float, most: int) -> int:
         """The number of drafts (0..most) with the most expected tokens per unit of pass cost,
         when each draft is kept with probability ``rate`` once the ones before it were."""
-        cost = self.config.draft_cost
         best_k, best, expected, p = 0, 1.0, 1.0, 1.0
         for k in range(1, most + 1):
             p *= rate
             expected += p
-            gain = expected / (1.0 + cost * k)
+            gain = expected / self.cost(k)
             if gain > best:
                 best_k, best = k, gain
         return best_k
@@ -184,7 +212,8 @@ class PromptLookupDrafter:
         self.best[n] = self.best_width(self.kept[n] / self.tried[n], self.config.max_draft)
         if accepted == 0:
             self.misses += 1
-            self.cooldown = min(self.config.max_cooldown, 1 << (self.misses - 1)) if self.misses > 1 else 0
+            self.exhausted = self.accepted == 0 and self.misses >= GIVE_UP_MISSES
+            self.cooldown = min(self.config.max_cooldown, 1 << min(self.misses - 1, 30))
         else:
             self.misses = 0
 

@@ -76,8 +76,9 @@ def test_drafter_width_follows_the_kept_rate_and_cools_down():
         d.feedback(4, 4)
     assert _drafts(d) == [4, 5, 6, 7]  # rounds that kept everything widen it
     d.feedback(4, 0)
-    assert d.cooldown == 0  # the first miss: no cooldown yet
+    assert d.cooldown == 1  # the first miss: one plain step
     assert 0.6 < d.kept[3] / d.tried[3] < 0.9
+    assert _drafts(d) == []
     assert len(_drafts(d)) == 4  # one miss after a run of kept drafts: still wide
     d.feedback(4, 0)
     assert d.cooldown == 2  # misses in a row: plain steps, doubling up to max_cooldown
@@ -88,6 +89,25 @@ def test_drafter_width_follows_the_kept_rate_and_cools_down():
     d.cooldown = 0
     assert _drafts(d) == [4]  # a poor estimate: one draft only, a probe
     assert (d.drafted, d.accepted) == (24, 12)
+
+
+def test_drafter_width_follows_measured_pass_costs():
+    """Once a plain step and a wide pass have been timed, their ratio replaces draft_cost: where a
+    pass of several tokens costs much more than a step (a tiny model), drafts must be kept more
+    often to pay for it."""
+    d = PromptLookupDrafter(SpeculationConfig(max_draft=4, draft_cost=0.05))
+    assert d.cost(2) == pytest.approx(1.10)  # nothing timed yet: the configured cost
+    assert d.best_width(0.6, 4) == 4
+    d.observe(1, 100e-6)
+    for width, seconds in ((2, 130e-6), (3, 140e-6), (4, 150e-6), (5, 160e-6)):
+        d.observe(width, seconds)
+    assert d.cost(1) == pytest.approx(1.3) and d.cost(4) == pytest.approx(1.6)
+    assert d.best_width(0.2, 4) == 0  # a 20 % keep rate does not pay for a 1.3x pass
+    assert d.best_width(0.6, 4) >= 2
+    d.observe(1, 5e-3)  # an outlier (a recomputed cache): left out
+    assert d.cost(1) == pytest.approx(1.3)
+    d.observe(1, 120e-6)  # ordinary samples move the mean
+    assert d.pass_s[1] == pytest.approx(0.9 * 100e-6 + 0.1 * 120e-6)
 
 
 def test_drafter_estimates_per_ngram_size():
@@ -155,6 +175,37 @@ def test_greedy_equals_plain_on_grounded_prompt_and_drafts_are_kept(plain, spec_
     assert got.stats.accepted_tokens > 20  # the grounded prompt really exercises kept drafts
     assert got.stats.drafted_tokens >= got.stats.accepted_tokens
     assert want.stats.drafted_tokens == 0
+
+
+def test_text_that_copies_nothing_stops_drafting_and_stays_exact(plain, spec_eng):
+    """Open-ended text whose drafts keep failing: after GIVE_UP_MISSES rounds with nothing kept the
+    request takes plain steps (few drafts in all), and the tokens are the plain engine's."""
+    from engine.speculation import GIVE_UP_MISSES
+
+    prompt = plain._requests.prompt_ids("The sun was hot and the ").tolist()
+    want = plain.generate(prompt, 200)
+    got = spec_eng.generate(prompt, 200)
+    assert got.token_ids == want.token_ids
+    assert got.stats.accepted_tokens == 0  # this prompt's drafts all fail (checked: stories260k)
+    assert spec_eng._ctx.drafter.exhausted
+    assert got.stats.drafted_tokens <= GIVE_UP_MISSES * SpeculationConfig().max_draft
+
+
+def test_drafter_gives_up_only_when_nothing_was_kept():
+    from engine.speculation import GIVE_UP_MISSES
+
+    d = PromptLookupDrafter(SpeculationConfig())
+    d.start([1, 2, 3])
+    for _ in range(GIVE_UP_MISSES - 1):
+        d.feedback(1, 0)
+    assert not d.exhausted
+    d.feedback(1, 0)
+    assert d.exhausted  # GIVE_UP_MISSES rounds in a row, nothing kept in the request
+    d.start([1, 2, 3])
+    d.feedback(2, 1)
+    for _ in range(GIVE_UP_MISSES + 2):
+        d.feedback(1, 0)
+    assert not d.exhausted  # drafts were kept earlier: it keeps probing (with cooldowns)
 
 
 def test_per_request_switch(plain, spec_eng, grounded):
