@@ -24,6 +24,8 @@ from engine.cuda import KERNEL_NAMES, DeviceSampler, DeviceStepState, NumpyOps, 
 from engine.errors import ProviderError
 from engine.sampling import SamplingParams, seed_state, splitmix64_next
 from engine.testing.synthetic import SyntheticSpec, cached_model
+from tests.test_cuda import _CountingRuntime
+from tests.test_decode_alloc import FORBIDDEN as ALLOC_FORBIDDEN
 
 SPECS = {
     "gqa-fp32": SyntheticSpec(layout="gqa", seed=1),
@@ -322,25 +324,9 @@ def test_sampler_mode_of_a_batch():
 # the batched step allocates nothing and copies only the finished flags when they change
 
 
-FORBIDDEN = {
-    "array",
-    "asarray",
-    "ascontiguousarray",
-    "zeros",
-    "empty",
-    "ones",
-    "full",
-    "copy",
-    "astype",
-    "concatenate",
-    "ortvalue_from_numpy",
-    "ortvalue_from_shape_and_type",
-    "copy_outputs_to_cpu",
-    "bind_cpu_input",
-    "bind_input",
-    "bind_output",
-    "numpy",
-}
+# what the single-request step may not call (tests/test_decode_alloc.py), and no rebinding either;
+# the ORT run itself is what a step is for
+FORBIDDEN = (ALLOC_FORBIDDEN - {"run"}) | {"bind_input", "bind_output"}
 
 
 def test_batched_device_step_allocates_and_binds_nothing(tmp_path_factory):
@@ -463,21 +449,6 @@ def test_gpu_batch8_matches_cpu_fp16_rows(model_dirs):
     want = [r.token_ids[:4] for r in cpu.generate(GPU_PROMPTS, max_new_tokens=8)]
     got = [r.token_ids[:4] for r in gpu.generate(GPU_PROMPTS, max_new_tokens=8)]
     assert got == want
-
-
-class _CountingRuntime:
-    """cupy.cuda.runtime with memcpyAsync calls recorded as (kind, bytes)."""
-
-    def __init__(self, runtime) -> None:
-        self._runtime = runtime
-        self.calls: list[tuple[int, int]] = []
-
-    def __getattr__(self, name: str):
-        return getattr(self._runtime, name)
-
-    def memcpyAsync(self, dst, src, size, kind, stream):  # cupy's name for it
-        self.calls.append((kind, size))
-        return self._runtime.memcpyAsync(dst, src, size, kind, stream)
 
 
 @pytest.mark.cuda
