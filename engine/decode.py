@@ -357,6 +357,14 @@ def run_to_end(loop: Generator[Any, None, GenerationResult]) -> GenerationResult
 # batches
 
 
+def prefers_row_zero(ctx: DecodeContext, req: Request) -> bool:
+    """Whether ``req``, alone, should take the single-request path on row 0 rather than open a
+    batch others may join: it asked for the prefix cache. Row 0 then holds its conversation's
+    prefix, or comes to hold it (a batch would clear the record; the single path stores it, so the
+    conversation's next turn finds it there)."""
+    return ctx.prefix is not None and req.prefix_cache
+
+
 def can_batch(ctx: DecodeContext, reqs: list[Request]) -> bool:
     """Whether ``reqs`` can share forward passes (else they run one by one, with the same results)."""
     if len(reqs) < 2 or ctx.state.packed_mask is None:

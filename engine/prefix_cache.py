@@ -33,9 +33,14 @@ class PrefixCache:
         """How many leading positions of ``prompt`` can be reused (0 when ``reuse`` is False),
         always fewer than its length (the last one is run for its logits). Clears the record: it
         is put back by :meth:`store` when the request ends normally."""
-        length, self.length = self.length, 0
-        n = int(prompt.size)
-        if not reuse or length == 0 or n < 2:
+        cached = self.peek(prompt, rope_switch) if reuse else 0
+        self.length = 0
+        return cached
+
+    def peek(self, prompt: np.ndarray, rope_switch: int | None) -> int:
+        """What :meth:`take` would reuse for ``prompt``, leaving the record as it is."""
+        length, n = self.length, int(prompt.size)
+        if length == 0 or n < 2:
             return 0
         if rope_switch is not None and (length > rope_switch) != (n > rope_switch):
             return 0  # cached with the other LongRoPE factors

@@ -34,6 +34,7 @@ from .decode import (
     fits_join,
     generate_batch,
     generate_single,
+    prefers_row_zero,
     run_requests,
     run_to_end,
 )
@@ -476,7 +477,11 @@ class AutoBatcher:
         reqs = [t.request for t in group]
         tickets = {id(t.request): t for t in group}
         try:
-            if can_join_batch(ctx, reqs):
+            if len(reqs) == 1 and prefers_row_zero(ctx, reqs[0]):
+                # a prefix-cache request alone: row 0 holds (or will keep) its conversation's
+                # prefix; requests arriving meanwhile wait for it instead of joining
+                events = run_requests(ctx, reqs)
+            elif can_join_batch(ctx, reqs):
                 events = generate_batch(ctx, reqs, self._joins(group, tickets))
             else:
                 events = run_requests(ctx, reqs)

@@ -222,3 +222,23 @@ def test_synthetic_matches_numpy_reference(tmp_path_factory):
     assert res.stats.cached_prompt_tokens == 15
     logits = reference_logits(model, np.array([prompt + res.token_ids]))[0]
     assert res.token_ids == logits[len(prompt) - 1 : -1].argmax(-1).tolist()
+
+
+def test_auto_batch_routes_a_lone_conversation_to_row_zero(stories260k, cold):
+    """With auto_batch, a prefix-cache request alone in the queue takes row 0, where its
+    conversation's prefix is: turns 2.. reuse it, exactly; a batch in between clears the record
+    and the conversation starts afresh (still exact)."""
+    eng = engine.Engine(stories260k, max_batch=4, auto_batch=True, prefix_cache=True)
+    try:
+        res = _chat(eng, cold, TURNS[:3])
+        assert res[0].stats.cached_prompt_tokens == 0
+        assert all(r.stats.cached_prompt_tokens >= p.stats.prompt_tokens - 1 for p, r in itertools.pairwise(res))
+        batch = eng.generate(["Once upon a time", "The dog"], 8)  # a batch: rows rewritten
+        assert [r.token_ids for r in batch] == [r.token_ids for r in cold.generate(["Once upon a time", "The dog"], 8)]
+        again = _chat(eng, cold, TURNS[:2])
+        assert again[0].stats.cached_prompt_tokens == 0
+        # requests without the prefix cache still open batches others may join
+        plain = eng.generate("Once upon a time", 8, prefix_cache=False)
+        assert plain.token_ids == cold.generate("Once upon a time", 8).token_ids
+    finally:
+        eng.close()
