@@ -22,14 +22,13 @@ The rendered text is tokenized with ``add_special_tokens=False``: a template tha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import SecurityError
 
-from .config import MAX_CONFIG_BYTES, entry_kind, read_text
+from .config import entry_kind, read_json_object, read_text
 from .errors import InvalidRequestError, ModelFileNotFoundError, ModelLoadError
 
 # the sandbox; some names only re-exported, for tests that reach them through engine.chat
@@ -98,12 +97,7 @@ def load_chat_template(model_dir: str | Path) -> str | None:
     config_path = folder / "tokenizer_config.json"
     if entry_kind(config_path) is None:
         return None
-    text = read_text(config_path, MAX_CONFIG_BYTES, "tokenizer config")
-    try:
-        config = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ModelLoadError(f"{config_path} is not valid JSON: {e}") from e
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    template = read_json_object(config_path, "tokenizer config").get("chat_template")
     if template is None:
         return None
     if isinstance(template, str):

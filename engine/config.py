@@ -228,8 +228,10 @@ def read_text(path: Path, max_bytes: int, what: str = "file") -> str:
         raise _err(path, f"is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    text = read_text(path, MAX_CONFIG_BYTES, "config file")
+def read_json_object(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A JSON config file of the model folder as a dict: regular, bounded (MAX_CONFIG_BYTES),
+    UTF-8, not nested past the parser's depth, an object at the top; else ModelLoadError."""
+    text = read_text(path, MAX_CONFIG_BYTES, what)
     try:
         data = json.loads(text)
     except RecursionError as e:
@@ -555,7 +557,7 @@ def _static_dim(info: TensorInfo, axis: int) -> int | None:
 
 def _spec_from_genai(model_dir: Path) -> ModelSpec:
     cfg_path = model_dir / GENAI_CONFIG
-    cfg = _read_json(cfg_path)
+    cfg = read_json_object(cfg_path)
     model = _get(cfg, "model", dict, cfg_path, "")
     dec = _get(model, "decoder", dict, cfg_path, "model.")
     filename = _get(dec, "filename", str, cfg_path, "model.decoder.")
@@ -707,7 +709,7 @@ def _spec_from_optimum(model_dir: Path) -> ModelSpec:
     hf: dict[str, Any] = {}
     for name in ("config.json", "generation_config.json"):
         if entry_kind(model_dir / name) is not None:
-            hf.update(_read_json(model_dir / name))
+            hf.update(read_json_object(model_dir / name))
     cfg_path = model_dir / "config.json"
     hf_ints = {
         k: _opt_int(hf, k, cfg_path, "")

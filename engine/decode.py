@@ -180,11 +180,20 @@ def generate_one(ctx: DecodeContext, req: Request, cached: int = 0) -> Generator
     row.cached = cached
     sampler.sample(prefill(ctx, req, cached), st.next_ids)
     row.t_first = time.perf_counter()
+    yield from _plain_steps(ctx, req, row, int(st.host_ids[0]))
+    return row.result(time.perf_counter())
+
+
+def _plain_steps(ctx: DecodeContext, req: Request, row: RowOutput, tok: int) -> Generator[StreamChunk, None, None]:
+    """Emit ``tok``, then one step per token until the row ends (the single-request loop's body;
+    the speculative loop's too, once it stops drafting)."""
+    st, sampler = ctx.state, ctx.sampler
     while True:
-        yield row.push(int(st.host_ids[0]), sampler)
+        yield row.push(tok, sampler)
         if row.done or req.cancelled:
-            return row.result(time.perf_counter())
+            return
         sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
+        tok = int(st.host_ids[0])
 
 
 def generate_one_ahead(ctx: DecodeContext, req: Request) -> Generator[StreamChunk, None, GenerationResult]:
@@ -280,12 +289,7 @@ def generate_one_speculative(
         if req.resume is not None:  # evicted after a kept draft: the next token comes from a recomputed cache
             tok = _resume_speculative(ctx, req, row)
         if drafter.exhausted:  # the text copies nothing: plain steps for the rest of the request
-            while True:
-                yield row.push(tok, sampler)
-                if row.done or req.cancelled:
-                    break
-                sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
-                tok = int(host[0])
+            yield from _plain_steps(ctx, req, row, tok)
             break
     return row.result(time.perf_counter())
 

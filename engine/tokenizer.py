@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import MAX_CONFIG_BYTES, entry_kind, open_regular, read_text
+from .config import entry_kind, open_regular, read_json_object, read_text
 from .errors import InvalidRequestError, ModelFileNotFoundError, ModelLoadError
 
 __all__ = ["Tokenizer", "load_tokenizer"]
@@ -380,16 +380,7 @@ class SentencePieceTokenizer(Tokenizer):
 def _read_json(path: Path) -> dict[str, Any]:
     """A tokenizer config file as a dict; {} when absent. A file that is there but is not a
     regular, bounded UTF-8 JSON object raises ModelLoadError."""
-    if entry_kind(path) is None:
-        return {}
-    text = read_text(path, MAX_CONFIG_BYTES, "tokenizer config")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, "tokenizer config") if entry_kind(path) is not None else {}
 
 
 def _token_text(value: object, where: str = "") -> str | None:

@@ -301,26 +301,40 @@ def plot(batch_rows: list[BatchRow], client_rows: list[ClientRow], path: Path) -
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in dict.fromkeys((r.provider, r.engine) for r in batch_rows):
-        sel = sorted((r for r in batch_rows if (r.provider, r.engine) == key), key=lambda r: r.batch)
-        left.plot([r.batch for r in sel], [r.decode_tok_s for r in sel], marker="o", label=f"{key[1]} ({key[0]})")
-    left.set_xscale("log", base=2)
-    left.set_yscale("log")
-    left.set_xlabel("batch size")
-    left.set_ylabel("decode tok/s, all rows (median)")
-    left.set_title("batched decode", fontsize=9)
-    left.grid(True, alpha=0.3)
-    left.legend(fontsize=8)
-    for key in dict.fromkeys((r.provider, r.mode) for r in client_rows):
-        sel = sorted((r for r in client_rows if (r.provider, r.mode) == key), key=lambda r: r.clients)
-        right.plot([r.clients for r in sel], [r.tok_s for r in sel], marker="o", label=f"{key[1]} ({key[0]})")
-    right.set_xscale("log", base=2)
-    right.set_yscale("log")
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("tok/s, all clients (median)")
-    right.set_title("concurrent clients", fontsize=9)
-    right.grid(True, alpha=0.3)
-    right.legend(fontsize=8)
+
+    def panel(ax, rows: list, series, x, y, xlabel: str, ylabel: str, title: str) -> None:
+        """One line per ``series(row)`` (a (provider, name) pair), ``y`` against ``x``, log-log."""
+        for key in dict.fromkeys(series(r) for r in rows):
+            sel = sorted((r for r in rows if series(r) == key), key=x)
+            ax.plot([x(r) for r in sel], [y(r) for r in sel], marker="o", label=f"{key[1]} ({key[0]})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+
+    panel(
+        left,
+        batch_rows,
+        lambda r: (r.provider, r.engine),
+        lambda r: r.batch,
+        lambda r: r.decode_tok_s,
+        "batch size",
+        "decode tok/s, all rows (median)",
+        "batched decode",
+    )
+    panel(
+        right,
+        client_rows,
+        lambda r: (r.provider, r.mode),
+        lambda r: r.clients,
+        lambda r: r.tok_s,
+        "concurrent clients",
+        "tok/s, all clients (median)",
+        "concurrent clients",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -24,7 +24,7 @@ from engine.cuda import KERNEL_NAMES, DeviceSampler, DeviceStepState, NumpyOps, 
 from engine.errors import ProviderError
 from engine.sampling import SamplingParams, seed_state, splitmix64_next
 from engine.testing.synthetic import SyntheticSpec, cached_model
-from tests.test_cuda import _CountingRuntime
+from tests.test_cuda import _CountingRuntime, _cuda_unavailable
 from tests.test_decode_alloc import FORBIDDEN as ALLOC_FORBIDDEN
 
 SPECS = {
@@ -395,18 +395,6 @@ def test_cuda_engine_batches_no_longer_refused_before_the_device(model_dirs, mon
 
 # ------------------------------------------------------------------------------------------------
 # on a GPU (skipped without one)
-
-
-def _cuda_unavailable() -> str | None:
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu: the project's 'cuda' extra)"
-    try:
-        from engine.cuda import import_cupy
-
-        import_cupy()
-    except ProviderError as e:
-        return str(e)
-    return None
 
 
 GPU_PROMPTS = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((6, 2, 57, 4, 11, 30, 1, 9))]

@@ -290,12 +290,18 @@ def create_app(
         }
         return JSONResponse({"object": "list", "data": [card]})
 
+    async def accept(request: Request, model: type[Any]) -> Any:
+        """The body of a completion request, bounded, parsed and checked (the model starts loading
+        if it has not)."""
+        state.ensure_loading()
+        req = _parse(model, await _read_json(request, cfg.max_body_bytes))
+        req.check_stream_options()
+        return req
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         t0 = time.perf_counter()
-        state.ensure_loading()
-        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await _read_json(request, cfg.max_body_bytes))
-        req.check_stream_options()
+        req: ChatCompletionRequest = await accept(request, ChatCompletionRequest)
         runner = state.require_ready()
         sampling = req.sampling()
         lp = req.logprobs_n()
@@ -312,9 +318,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         t0 = time.perf_counter()
-        state.ensure_loading()
-        req: CompletionRequest = _parse(CompletionRequest, await _read_json(request, cfg.max_body_bytes))
-        req.check_stream_options()
+        req: CompletionRequest = await accept(request, CompletionRequest)
         req.check()
         state.require_ready()
         sampling = req.sampling()
