@@ -61,9 +61,48 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(ttft['engine']) * 1e3:.2f} / {statistics.median(ttft['genai']) * 1e3:.2f}; "
             f"decode tok/s {statistics.median(decode['engine']):.0f} / {statistics.median(decode['genai']):.0f}"
         )
+    prefill_and_python(runners, vocab, args.reps * 20)
     for r in runners.values():
         r.close()
     return 0
+
+
+def prefill_and_python(runners: dict, vocab: int, reps: int) -> None:
+    """The prompt's forward pass alone (16 tokens; the engine's ``StepState.prefill`` against
+    genai's ``append_tokens``, alternating), and the engine's Python per request: a 1-token
+    ``generate()`` with the ORT run replaced by a no-op (what remains is request checks, sampler
+    reset, loop and result)."""
+    eng, gen = runners["engine"].eng, runners["genai"]
+    ids = prompt_ids(16, vocab)
+    times: dict[str, list[float]] = {"engine": [], "genai": []}
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        eng._state.prefill(ids[None, :])
+        times["engine"].append(time.perf_counter() - t0)
+        g = gen._generator(16, 4)
+        t0 = time.perf_counter()
+        g.append_tokens(ids.astype("int32"))
+        times["genai"].append(time.perf_counter() - t0)
+        del g
+    state = eng._state
+    run_prompt = state._run_prompt
+    state._run_prompt = lambda *a, **k: None  # Python only: no ORT run
+    try:
+        for _ in range(50):
+            eng.generate(ids, max_new_tokens=1)
+        py = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            eng.generate(ids, max_new_tokens=1)
+            py.append(time.perf_counter() - t0)
+    finally:
+        state._run_prompt = run_prompt
+    print(
+        f"prefill of 16 tokens, median of {reps} alternating: "
+        f"engine {statistics.median(times['engine']) * 1e6:.0f} us, "
+        f"genai append_tokens {statistics.median(times['genai']) * 1e6:.0f} us; engine Python per request "
+        f"(generate of 1 token, ORT run stubbed): {statistics.median(py) * 1e6:.0f} us"
+    )
 
 
 if __name__ == "__main__":
