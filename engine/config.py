@@ -128,6 +128,10 @@ class ModelSpec:
     # sliding-window layers whose GroupQueryAttention takes window-sized buffers
     # (sliding_window_cache=1): past KV name -> the window (local_window_size)
     window_caches: Mapping[str, int] = field(default_factory=dict)
+    # why a pass over several tokens may not reproduce one-token steps closely enough to keep
+    # every greedy token (activations rounded to int8 / half precision inside matmuls); None when
+    # the graph computes its matmuls on fp32/fp16 activations. See :func:`coarse_activations`.
+    coarse_activations: str | None = None
     graph: _GraphSlot = field(default_factory=_GraphSlot, repr=False, compare=False)  # see take_graph
 
     @property
@@ -306,6 +310,7 @@ class _Graph:
     step_read_bytes: int
     rope_switch_length: int | None = None
     rope_cache_rows: int | None = None
+    coarse_activations: str | None = None
 
 
 @dataclass
@@ -371,6 +376,44 @@ def _step_read_bytes(g: onnx.GraphProto, sizes: Mapping[str, int]) -> int:
     return total
 
 
+# ops that quantize their activations on the fly (dynamic int8 quantization)
+_DYNAMIC_QUANT_OPS = (
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "QAttention",
+)
+# MatMulNBits accuracy_level -> the type its CPU kernels round the activations to
+_NBITS_COMPUTE = {2: "fp16", 3: "bf16", 4: "int8"}
+
+
+def coarse_activations(g: onnx.GraphProto) -> str | None:
+    """Why the graph's matmuls round their activations coarsely, or None when they do not.
+
+    ONNX Runtime's CPU kernels sum in a different order for one new token than for several (MLAS
+    takes a one-row GEMM kernel for ``M == 1``), so a pass over several tokens differs from
+    one-token steps by ~1e-7. On fp32/fp16 activations that stays ~1e-6 in the logits. A matmul
+    that first rounds its input to int8 (MatMulNBits ``accuracy_level`` 4, dynamic quantization)
+    or to half precision (levels 2, 3) turns it into a different rounding step for some element,
+    ~1e-2 in the logits, enough to swap near-tied greedy tokens (measured: issue 15, docs/perf.md).
+    Speculation's verify passes and the prefix cache's reuse of one-token steps' KV stay exact only
+    without it.
+    """
+    levels: set[int] = set()
+    for node in g.node:
+        if node.op_type in _DYNAMIC_QUANT_OPS:
+            return f"its {node.op_type} nodes quantize activations to int8"
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level" and a.i in _NBITS_COMPUTE:
+                    levels.add(int(a.i))
+    if not levels:
+        return None
+    top = max(levels)
+    return f"its MatMulNBits nodes have accuracy_level {top} ({_NBITS_COMPUTE[top]} activations)"
+
+
 def _read_graph(model_path: Path) -> _Graph:
     open_regular(model_path, 2**62, "ONNX model").close()  # a folder, FIFO or device is refused unread
     try:
@@ -416,6 +459,7 @@ def _read_graph(model_path: Path) -> _Graph:
         step_read_bytes=_step_read_bytes(g, sizes),
         rope_switch_length=_rope_switch_length(g),
         rope_cache_rows=_rope_cache_rows(g),
+        coarse_activations=coarse_activations(g),
     )
 
 
@@ -1031,6 +1075,7 @@ def _finish_spec(declared: _Declared, graph: _Graph) -> ModelSpec:
         rope_switch_length=graph.rope_switch_length if layout is KVLayout.GQA_SHARED else None,
         **_state_fields(d, graph, layout),
         rope_cache_rows=graph.rope_cache_rows if layout is KVLayout.GQA_SHARED else None,
+        coarse_activations=graph.coarse_activations,
         graph=_GraphSlot(graph.proto),
     )
 

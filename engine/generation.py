@@ -282,7 +282,7 @@ class Engine:
             max_length=self.max_length,
             max_batch=self.max_batch,
             drafter=drafter,
-            prefix=PrefixCache(self.max_length) if no_multi is None else None,
+            prefix=PrefixCache(self.max_length, spec.coarse_activations is not None) if no_multi is None else None,
         )
         self._requests = RequestPreparer(
             spec,

@@ -11,6 +11,14 @@ taken at a request's start and put back only when it ends normally). A LongRoPE 
 is not reused across its short/long switch: keys rotated with the short factors never serve a
 prompt that runs with the long ones, or the reverse. ``Engine.close()`` drops the record with
 the buffers; an Engine of another ``max_length`` has a cache of its own.
+
+Models whose matmuls round activations coarsely (``ModelSpec.coarse_activations``: MatMulNBits at
+accuracy_level 4 and the like) get the same keys and values for a position from any pass of two
+or more tokens, but slightly different ones from a one-token decode step (ONNX Runtime sums in
+another order for one row, and the int8 rounding that follows magnifies it). A cold engine runs
+the whole prompt in one pass, so on such a model only positions computed by passes of two or more
+tokens are reused — the previous prompt, not the tokens generated after it — and the new suffix
+always runs as a pass of at least two tokens. Greedy output then equals a cold engine's exactly.
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ import numpy as np
 class PrefixCache:
     """The ids of row 0's cached positions (one row: the single-request path)."""
 
-    def __init__(self, max_length: int) -> None:
+    def __init__(self, max_length: int, multi_token_only: bool = False) -> None:
+        """``multi_token_only``: reuse only positions that passes of two or more tokens computed
+        (models with coarse activation rounding; see the module's docstring)."""
         self.ids = np.zeros(max_length, np.int64)  # (max_length,) ids of the cached positions
         self.length = 0  # cached positions; 0: nothing reusable
+        self.multi_token_only = multi_token_only
 
     def clear(self) -> None:
         """Row 0 is about to hold something else."""
@@ -44,16 +55,25 @@ class PrefixCache:
             return 0
         if rope_switch is not None and (length > rope_switch) != (n > rope_switch):
             return 0  # cached with the other LongRoPE factors
-        m = min(length, n - 1)
+        # the last prompt position runs for its logits; a coarse model's suffix pass runs two or more
+        m = min(length, n - (2 if self.multi_token_only else 1))
+        if m <= 0:
+            return 0
         differ = np.flatnonzero(self.ids[:m] != prompt[:m])
         return int(differ[0]) if differ.size else m
 
     def store(self, prompt: np.ndarray, new_ids: list[int], length: int) -> None:
-        """Row 0 holds ``length`` positions: ``prompt`` then the first of ``new_ids``."""
+        """Row 0 holds ``length`` positions: ``prompt`` then the first of ``new_ids`` (with
+        ``multi_token_only``, the prompt's alone are kept: one-token steps computed the rest)."""
         p = int(prompt.size)
         if not p <= length <= p + len(new_ids) or length > self.ids.size:
             self.length = 0  # not a state this record can describe: reuse nothing
             return
+        if self.multi_token_only:
+            if p < 2:  # a one-token prompt ran as a one-token pass
+                self.length = 0
+                return
+            length = p
         self.ids[:p] = prompt
         self.ids[p:length] = new_ids[: length - p]
         self.length = length

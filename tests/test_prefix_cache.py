@@ -242,3 +242,50 @@ def test_auto_batch_routes_a_lone_conversation_to_row_zero(stories260k, cold):
         assert plain.token_ids == cold.generate("Once upon a time", 8).token_ids
     finally:
         eng.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# coarse activation rounding (MatMulNBits accuracy_level 4): only multi-token passes' KV is reused
+
+
+@pytest.fixture(scope="module")
+def int4_acc4(tmp_path_factory):
+    from engine.testing.synthetic import phi4_mini_spec
+
+    return cached_model(phi4_mini_spec(layers=2, vocab=4096), tmp_path_factory.mktemp("int4acc4"))
+
+
+@pytest.mark.slow
+def test_int8_activation_model_matches_a_cold_engine_over_turns(int4_acc4):
+    """On an accuracy-level-4 INT4 model a one-token step's KV differs from a prefill's by the
+    int8 rounding of a ~1e-7 difference; reusing it swapped greedy tokens against a cold engine.
+    Only the previous prompt is reused, and every turn still equals the cold engine's answer."""
+    warm = engine.Engine(int4_acc4, max_length=512, prefix_cache=True)
+    cold = engine.Engine(int4_acc4, max_length=512)
+    assert warm.spec.coarse_activations is not None and "accuracy_level 4" in warm.spec.coarse_activations
+    warm.eos_token_ids = cold.eos_token_ids = frozenset()
+    rng = np.random.default_rng(11)
+    ids: list[int] = []
+    for turn in range(5):
+        prev = len(ids)
+        ids = ids + rng.integers(3, 4096, 12).tolist()
+        got = warm.generate(ids, 32)
+        want = cold.generate(ids, 32)
+        assert got.token_ids == want.token_ids, f"turn {turn}"
+        if turn:
+            # the previous prompt is reused; the previous answer (one-token steps) is run again
+            assert got.stats.cached_prompt_tokens == prev - 32
+        ids = ids + got.token_ids
+
+
+def test_multi_token_only_record_rules():
+    rec = PrefixCache(64, multi_token_only=True)
+    prompt = np.arange(10, 20, dtype=np.int64)
+    rec.store(prompt, [7, 8, 9], 12)  # prompt + 2 generated positions: only the prompt is kept
+    assert rec.length == 10
+    longer = np.concatenate((prompt, [7, 8, 9, 5]))
+    assert rec.peek(longer, None) == 10
+    # the suffix pass runs at least two tokens: one new id reuses one position fewer
+    assert rec.peek(np.concatenate((prompt, [7])), None) == 9
+    rec.store(np.array([3], np.int64), [4, 5], 2)  # a one-token prompt ran as a one-token pass
+    assert rec.length == 0
