@@ -52,7 +52,7 @@ def estimate_kv_cache_bytes(
     return kv_cache_bytes_needed(spec, length, max_batch)
 
 
-def _speculation_config(options: Mapping[str, int] | None) -> SpeculationConfig:
+def _speculation_config(options: Mapping[str, object] | None) -> SpeculationConfig:
     """``Engine(speculation_options=...)`` as a checked config."""
     if options is None:
         return SpeculationConfig()
@@ -122,7 +122,7 @@ class Engine:
             with ``speculation=``. CPU, share-buffer GroupQueryAttention models only (others raise
             InvalidRequestError); batches take plain steps. See docs/api.md, Speculation.
         speculation_options: knobs of :class:`~engine.speculation.SpeculationConfig` (``ngram``,
-            ``min_ngram``, ``max_draft``, ``max_cooldown``, ``draft_cost``).
+            ``min_ngram``, ``max_draft``, ``max_cooldown``, ``draft_cost``, ``exact``).
         prefix_cache: reuse the KV of the previous single request when the next prompt starts with
             the same ids (chat turns): only the rest of the prompt is prefilled. Off by default; a
             request may override it with ``prefix_cache=``. CPU, share-buffer GQA models only.
@@ -146,7 +146,7 @@ class Engine:
         max_batch: int = 1,
         auto_batch: bool = False,
         speculation: str | None = None,
-        speculation_options: Mapping[str, int] | None = None,
+        speculation_options: Mapping[str, object] | None = None,
         prefix_cache: bool = False,
     ) -> None:
         if not isinstance(max_batch, (int, np.integer)) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1024:

@@ -52,6 +52,13 @@ class SpeculationConfig:
         max_cooldown: the most plain steps taken after rounds in which no draft was kept.
         draft_cost: what each draft adds to the cost of a pass, in plain steps, until the passes'
             own times are measured (the drafter times every pass and uses those ratios from then on).
+        exact: keep greedy output token for token that of plain decoding (default). A model whose
+            matmuls round activations to int8 or half precision (``ModelSpec.coarse_activations``:
+            MatMulNBits accuracy_level 4, the CPU INT4 exports) computes a verify pass's positions
+            slightly differently from one-token steps, which can swap near-tied tokens; with
+            ``exact`` such a model takes plain steps (a warning says so at load). False drafts
+            anyway: faster, each token still the model's own choice at its position, but greedy
+            output may part from plain decoding's at a near tie.
     """
 
     ngram: int = 3
@@ -59,8 +66,11 @@ class SpeculationConfig:
     max_draft: int = 4
     max_cooldown: int = 16
     draft_cost: float = 0.15
+    exact: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.exact, (bool, np.bool_)):
+            raise InvalidRequestError(f"speculation option exact must be True or False, got {self.exact!r}")
         for name, lo, hi in (("ngram", 1, 16), ("min_ngram", 1, 16), ("max_draft", 1, 32), ("max_cooldown", 0, 1024)):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
