@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, overload
@@ -63,6 +64,19 @@ def _speculation_config(options: Mapping[str, object] | None) -> SpeculationConf
     if unknown:
         raise InvalidRequestError(f"unknown speculation option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     return SpeculationConfig(**options)
+
+
+def _inexact_speculation(spec: ModelSpec, cfg: SpeculationConfig) -> str | None:
+    """Why speculation takes plain steps on this model (None: it drafts): a verify pass would not
+    reproduce one-token steps exactly and ``cfg.exact`` asks for plain decoding's output."""
+    if spec.coarse_activations is None or not cfg.exact:
+        return None
+    return (
+        f"{spec.model_dir.name}: {spec.coarse_activations}, so a verify pass of several tokens rounds differently "
+        "from one-token steps and could change a near-tied greedy token; requests take plain steps. Pass "
+        "speculation_options={'exact': False} to draft anyway (faster; greedy output may then part from plain "
+        "decoding's at a near tie)"
+    )
 
 
 def _multi_token_refusal(spec: ModelSpec, on_cuda: bool) -> str | None:
@@ -221,7 +235,11 @@ class Engine:
         for option, on in (("speculation", self.speculation is not None), ("prefix_cache", prefix_cache)):
             if on and no_multi is not None:
                 raise InvalidRequestError(f"{option}: {no_multi}")
-        if self.speculation is not None and last_token_logits:
+        # a model whose verify passes cannot reproduce one-token steps exactly takes plain steps
+        self.speculation_plain: str | None = _inexact_speculation(spec, spec_cfg) if no_multi is None else None
+        if self.speculation is not None and self.speculation_plain is not None:
+            warnings.warn(f"speculation: {self.speculation_plain}", RuntimeWarning, stacklevel=2)
+        if self.speculation is not None and last_token_logits and self.speculation_plain is None:
             model, edited = load_for_verify(spec, spec_cfg.width)  # logits of the last K + 1 positions
             last_only = False
         else:
@@ -268,8 +286,10 @@ class Engine:
             )
             if self.speculation is not None:
                 raise UnsupportedModelError(f"speculation: {no_speculation}")
+        if self.speculation_plain is not None:
+            no_speculation = None  # requests may ask for it: they take plain steps (drafter None)
         drafter = None
-        if no_speculation is None:
+        if no_speculation is None and self.speculation_plain is None:
             cast(StepState, state).enable_multi_token(spec_cfg.width)
             drafter = PromptLookupDrafter(spec_cfg)
         self._ctx = DecodeContext(

@@ -9,6 +9,7 @@ positions without a KV copy are refused with the package's error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -427,9 +428,11 @@ def test_fp32_synthetic_matches_numpy_reference(tmp_path_factory):
 
 @pytest.mark.slow
 def test_int4_phi4_shaped_greedy_equals_plain(tmp_path_factory):
-    """A 1-layer INT4 model with Phi-4-mini's layer shapes (GQA share buffer, partial rotary),
-    verify passes driven by a drafter that often guesses right."""
-    model = cached_model(phi4_mini_spec(layers=1, vocab=4096), tmp_path_factory.mktemp("phi4"))
+    """A 1-layer INT4 model with Phi-4-mini's layer shapes (GQA share buffer, partial rotary) and
+    fp32 activations (accuracy_level 0: speculation drafts on it), verify passes driven by a drafter
+    that often guesses right. Accuracy level 4 (int8 activations): tests/test_speculation_exact.py."""
+    spec4 = dataclasses.replace(phi4_mini_spec(layers=1, vocab=4096), accuracy_level=0)
+    model = cached_model(spec4, tmp_path_factory.mktemp("phi4"))
     plain = engine.Engine(model, max_length=256)
     spec = engine.Engine(model, max_length=256, speculation="prompt_lookup")
     plain.eos_token_ids = spec.eos_token_ids = frozenset()
