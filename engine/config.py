@@ -24,6 +24,7 @@ import enum
 import json
 import math
 import os
+import platform
 import re
 import stat
 import warnings
@@ -384,8 +385,10 @@ _DYNAMIC_QUANT_OPS = (
     "MatMulInteger",
     "QAttention",
 )
-# MatMulNBits accuracy_level -> the type its CPU kernels round the activations to
-_NBITS_COMPUTE = {2: "fp16", 3: "bf16", 4: "int8"}
+# MatMulNBits accuracy_level -> the type its CPU kernels round the activations to. On x86-64 MLAS
+# has int8 kernels only (levels 2 and 3 compute in fp32 there: measured exact on an AVX-512 BF16
+# machine); ARM64 has fp16 and bf16 ones too.
+_NBITS_COMPUTE = {4: "int8"} if platform.machine().lower() in ("x86_64", "amd64") else {2: "fp16", 3: "bf16", 4: "int8"}
 
 
 def coarse_activations(g: onnx.GraphProto) -> str | None:
@@ -395,7 +398,7 @@ def coarse_activations(g: onnx.GraphProto) -> str | None:
     takes a one-row GEMM kernel for ``M == 1``), so a pass over several tokens differs from
     one-token steps by ~1e-7. On fp32/fp16 activations that stays ~1e-6 in the logits. A matmul
     that first rounds its input to int8 (MatMulNBits ``accuracy_level`` 4, dynamic quantization)
-    or to half precision (levels 2, 3) turns it into a different rounding step for some element,
+    or, on ARM64, to half precision (levels 2, 3) turns it into a different rounding step for some element,
     ~1e-2 in the logits, enough to swap near-tied greedy tokens (measured: issue 15, docs/perf.md).
     Speculation's verify passes and the prefix cache's reuse of one-token steps' KV stay exact only
     without it.
