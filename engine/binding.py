@@ -361,7 +361,7 @@ class StepState:
             handles.append(self.bind.value(value))
         return views, handles
 
-    def prefill_rows(self, prompts: list[np.ndarray], max_steps: int) -> np.ndarray:
+    def prefill_rows(self, prompts: list[np.ndarray], max_steps: int, starts: list[int] | None = None) -> np.ndarray:
         """Prefill a batch of ``n`` prompts (1-D int64 arrays); returns the logits ``(n, vocab)``.
 
         No padding enters a forward pass: each run of consecutive prompts of the same length is one
@@ -371,6 +371,11 @@ class StepState:
         each run's presents into a zero-filled ``(n, ..., width, ...)`` past, right-aligned: the
         padding is masked and finite. After it, the mask is the left-padded ``(n, width)`` one
         (packed) and :meth:`decode_rows` may run ``max_steps`` times.
+
+        ``starts`` (share-buffer caches; the prefix cache): row ``b``'s first ``starts[b]`` positions
+        are cached in its own row already (``0 <= starts[b] < len(prompts[b])``); a row with a
+        cached prefix runs the rest of its prompt alone, from that offset (as :meth:`prefill_from`
+        does on row 0).
         """
         if self.packed_mask is None:
             raise ValueError("prefill_rows needs a StepState with batch > 1 and an attention_mask input")
@@ -378,6 +383,11 @@ class StepState:
         n = len(prompts)
         if not 1 <= n <= self.batch:
             raise ValueError(f"prefill_rows takes 1 to {self.batch} prompts, got {n}")
+        if starts is not None:
+            if len(starts) != n or not all(0 <= s < p.size for s, p in zip(starts, prompts, strict=True)):
+                raise ValueError(f"starts {starts} do not fit prompts of {[p.size for p in prompts]} tokens")
+            if any(starts) and not self._static:
+                raise ValueError("cached prefixes need a share-buffer GQA cache")
         lengths = self.lengths[:n]
         lengths[:] = [p.size for p in prompts]
         width = int(lengths.max())
@@ -392,8 +402,13 @@ class StepState:
         start = 0
         while start < n:  # each run of consecutive prompts of one length: one forward pass
             p = prompts[start].size
+            cached = starts[start] if starts is not None else 0
+            if cached:  # a cached prefix: the rest of this row's prompt, alone
+                self._run_row_suffix(start, prompts[start], cached)
+                start += 1
+                continue
             stop = start + 1
-            while stop < n and prompts[stop].size == p:
+            while stop < n and prompts[stop].size == p and (starts is None or not starts[stop]):
                 stop += 1
             rows = stop - start
             if self._static:
@@ -442,7 +457,36 @@ class StepState:
             self.kv.advance(self.bind)
         return self.logits_2d
 
-    def join_row(self, row: int, prompt: np.ndarray, max_steps: int) -> None:
+    def _run_row_suffix(self, row: int, prompt: np.ndarray, start: int) -> None:
+        """Run ``prompt[start:]`` (1-D) on KV row ``row`` over its first ``start`` cached positions
+        (``start < len(prompt)``); the last position's logits land in ``logits[row]``. The caller
+        rebinds the batch's rows afterwards."""
+        spec, bind, p = self.spec, self.bind, int(prompt.size)
+        self.kv.bind_rows(bind, row, row + 1)
+        bind.bind_output(spec.logits.name, self._logits_range(row, row + 1))
+        # (1, p - start) int64/int32, cpu: made per row, as a prefill's ids are
+        ids = np.ascontiguousarray(prompt[None, start:], dtype=spec.input_ids.dtype)
+        positions = None
+        if self.position_ids is not None:
+            positions = np.arange(start, p, dtype=spec.position_ids.dtype)[None, :]
+        self._run_prompt(ids, self._mask_handles[p], positions, row)
+
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        """Swap the first ``length`` cached positions of KV rows ``a`` and ``b`` (share-buffer
+        caches; rows outside any running batch): the prefix cache's routing brings a row's
+        record to a row a batch starts or grows on."""
+        if not self._static:
+            raise ValueError("swap_rows needs a share-buffer GQA cache")
+        if not (0 <= a < self.batch and 0 <= b < self.batch and 0 <= length <= self.max_length):
+            raise ValueError(f"cannot swap {length} positions of rows {a} and {b} (batch {self.batch})")
+        if a == b or length == 0:
+            return
+        for buf in self.kv.buffers:  # (batch, kv_heads, max_length, head_size)
+            held = buf[a, :, :length].copy()
+            buf[a, :, :length] = buf[b, :, :length]
+            buf[b, :, :length] = held
+
+    def join_row(self, row: int, prompt: np.ndarray, max_steps: int, start: int = 0) -> None:
         """Start a new prompt (1-D int64) on ``row`` of the running batch, between two decode steps:
         a stopped row, or row ``rows`` to grow the batch by one. Share-buffer GQA caches only.
 
@@ -451,6 +495,8 @@ class StepState:
         of that step are replaced). Its mask row becomes the prompt left-padded to the current
         width, so ``len(prompt) <= length`` is required, and the batch may then run ``max_steps``
         more steps for it (``length + max_steps <= max_length``). Raises ValueError otherwise.
+        ``start`` (the prefix cache): the row holds the prompt's first ``start`` positions
+        already; only the rest is run.
         """
         if not self._static or self.packed_mask is None:
             raise ValueError("join_row needs a share-buffer GQA cache and a StepState with batch > 1")
@@ -458,6 +504,8 @@ class StepState:
         check_join(
             row, n, self.batch, bool(self.finished[row]) if row < n else True, width, p, max_steps, self.max_length
         )
+        if not 0 <= start < p:
+            raise ValueError(f"cannot continue a prompt of {p} tokens from {start} cached positions")
         rows = max(n, row + 1)
         # views for the new row count as wide as any row of the batch may still need (review: a
         # joiner shorter than the other rows left them too short)
@@ -465,11 +513,15 @@ class StepState:
         views, handles = self._packed_views(rows, self._views_end)
         bind, spec = self.bind, self.spec
         self._bound_rows = 0  # rebound below
-        self.kv.bind_rows(bind, row, row + 1)
-        if self.conv is not None:
-            self.conv.start_rows(bind, row, row + 1)
-        bind.bind_output(spec.logits.name, self._logits_range(row, row + 1))
-        self._run_prompt(prompt[None, :].astype(spec.input_ids.dtype), self._mask_handles[p], self._positions(p), row)
+        if start:
+            self._run_row_suffix(row, prompt, start)
+        else:
+            self.kv.bind_rows(bind, row, row + 1)
+            if self.conv is not None:
+                self.conv.start_rows(bind, row, row + 1)
+            bind.bind_output(spec.logits.name, self._logits_range(row, row + 1))
+            ids = prompt[None, :].astype(spec.input_ids.dtype)
+            self._run_prompt(ids, self._mask_handles[p], self._positions(p), row)
         mask = views[width]  # (rows, width): the rows before keep their columns
         mask[row, : width - p] = 0
         mask[row, width - p :] = 1

@@ -407,20 +407,29 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
     request, chunk, result)`` per token, ``result`` set on the row's last token.
 
     ``joins`` (share-buffer GQA caches): between steps, requests it hands over join on ended
-    rows or new ones; they are appended to ``reqs``."""
+    rows or new ones; they are appended to ``reqs``.
+
+    With a prefix cache, row ``b`` takes its record when a request starts or joins on it (a
+    prefix-cache request reuses the cached part of its prompt) and stores it as the row ends."""
     st, sampler = cast("BatchStepState", ctx.state), cast("BatchSampler", ctx.sampler)
     finished, host_ids = st.finished, st.host_ids
-    n = len(reqs)
-    if ctx.prefix is not None:
-        ctx.prefix.clear()  # the batch rewrites row 0
+    n, prefix, switch = len(reqs), ctx.prefix, ctx.rope_switch
     sampler.reset([r.params for r in reqs], [r.prompt_ids for r in reqs], checked=True)
     t0 = time.perf_counter()
-    logits = st.prefill_rows([r.prompt_ids for r in reqs], max(r.max_new_tokens for r in reqs) - 1)
+    prompts, steps = [r.prompt_ids for r in reqs], max(r.max_new_tokens for r in reqs) - 1
+    if prefix is not None:  # CPU share-buffer state: rows reuse their own cached prefixes
+        starts = [prefix.take(r.prompt_ids, switch, r.prefix_cache, b) for b, r in enumerate(reqs)]
+    else:
+        starts = [0] * n
+    if any(starts):
+        logits = cast("CPUStepState", st).prefill_rows(prompts, steps, starts)
+    else:
+        logits = st.prefill_rows(prompts, steps)
     sampler.sample(logits, st.next_ids, n)
     t_first = time.perf_counter()
     rows = [RowOutput(ctx, b, r, t0) for b, r in enumerate(reqs)]
-    for row in rows:
-        row.t_first = t_first
+    for row, cached in zip(rows, starts, strict=True):
+        row.t_first, row.cached = t_first, cached
     live = n
     while True:
         for b in range(n):
@@ -430,11 +439,15 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
             if row.req.cancelled:  # its caller left: stop the row, no result
                 finished[b] = 1
                 live -= 1
+                if prefix is not None:  # later steps rewrite its last slot: that one is left out
+                    prefix.store(row.req.prompt_ids, row.ids, int(st.lengths[b]) - 1, b)
                 continue
             chunk = row.push(int(host_ids[b]), sampler)
             if row.done:
                 finished[b] = 1  # masked from the next step on
                 live -= 1
+                if prefix is not None:
+                    prefix.store(row.req.prompt_ids, row.ids, int(st.lengths[b]) - 1, b)
             yield b, row.req, chunk, row.result(time.perf_counter()) if row.done else None
         if not live and not (joins and joins(_free_rows(ctx, finished, n), st.length + 1, False)):
             return
@@ -443,13 +456,18 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
         t_join = time.perf_counter()
         for b, req in joiners:
             reqs.append(req)
-            st.join_row(b, req.prompt_ids, req.max_new_tokens - 1)
+            cached = prefix.take(req.prompt_ids, switch, req.prefix_cache, b) if prefix is not None else 0
+            if cached:
+                cast("CPUStepState", st).join_row(b, req.prompt_ids, req.max_new_tokens - 1, cached)
+            else:
+                st.join_row(b, req.prompt_ids, req.max_new_tokens - 1)
             sampler.reset_row(b, req.params, req.prompt_ids, checked=True)
             if b == n:
                 n += 1
                 rows.append(RowOutput(ctx, b, req, t_join))
             else:
                 rows[b] = RowOutput(ctx, b, req, t_join)
+            rows[b].cached = cached
             live += 1
         sampler.sample(logits, st.next_ids, n)
         t_sampled = time.perf_counter()

@@ -1,16 +1,28 @@
-"""KV reuse across requests: the ids whose keys and values row 0 of the cache holds.
+"""KV reuse across requests: for every row of the cache, the ids whose keys and values it holds.
 
-A chat turn re-sends the whole conversation. With a share-buffer GQA cache the previous
-request's keys and values are still in row 0 after it ends, so when the next prompt starts
-with the same ids only the rest of it needs a forward pass (``StepState.prefill_from``); the
-slots past the shared prefix are overwritten. Which ids those are is bookkeeping, kept here.
+A chat turn re-sends the whole conversation. With a share-buffer GQA cache a request's keys and
+values stay in its row after it ends, so when a later prompt starts with the same ids only the
+rest of it needs a forward pass, on that row (``StepState.prefill_from`` on row 0 for a single
+request; ``prefill_rows``/``join_row`` with a cached offset for a batch's rows); the slots past
+the shared prefix are overwritten. Which ids those are is bookkeeping, kept here per row.
 
-Invalidation: every loop that writes row 0 other than through the prefix-aware single-request
-path clears the record first (a batch, a resumed stream, an error mid-request: the record is
-taken at a request's start and put back only when it ends normally). A LongRoPE model's cache
-is not reused across its short/long switch: keys rotated with the short factors never serve a
-prompt that runs with the long ones, or the reverse. ``Engine.close()`` drops the record with
-the buffers; an Engine of another ``max_length`` has a cache of its own.
+Every row holds its own tokens contiguously from position 0: the single-request path uses row 0,
+and a batch's row ``b`` (``StepState.prefill_rows``, ``join_row``) writes its prompt at positions
+``0 .. P-1`` and each decoded token at the next one (the batch's left padding lives in the mask
+only). A batch row that has ended is still run by the batch's later steps, masked, and each of
+them rewrites the row's last slot; so a batch row's record leaves its last position out.
+
+Invalidation: every loop takes a row's record before it writes the row and puts it back only
+when that row's request ends normally (a single request when it ends; a batch row as it ends, the
+batch still running); an error mid-request or mid-batch, a closed stream, a resumed stream (which
+recomputes row 0), anything else that writes a row leaves it without a record. A LongRoPE
+model's cache is not reused across its short/long switch: keys rotated with the short factors
+never serve a prompt that runs with the long ones, or the reverse. ``Engine.close()`` drops the
+records with the buffers; an Engine of another ``max_length`` has a cache of its own.
+
+Routing (the auto_batch worker): :meth:`PrefixCache.route` matches requests to the free rows
+holding their longest cached prefixes; :meth:`PrefixCache.swap` follows a swap of two rows' KV
+(``StepState.swap_rows``), which brings a record to a row a batch can start or grow on.
 
 Models whose matmuls round activations coarsely (``ModelSpec.coarse_activations``: MatMulNBits at
 accuracy_level 4 and the like) get the same keys and values for a position from any pass of two
@@ -19,38 +31,59 @@ another order for one row, and the int8 rounding that follows magnifies it). A c
 the whole prompt in one pass, so on such a model only positions computed by passes of two or more
 tokens are reused — the previous prompt, not the tokens generated after it — and the new suffix
 always runs as a pass of at least two tokens. Greedy output then equals a cold engine's exactly.
+This holds for every row: a batch's one-token steps are one-token passes too.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 
 class PrefixCache:
-    """The ids of row 0's cached positions (one row: the single-request path)."""
+    """The ids of each cache row's cached positions (row 0: the single-request path)."""
 
-    def __init__(self, max_length: int, multi_token_only: bool = False) -> None:
+    def __init__(self, max_length: int, multi_token_only: bool = False, rows: int = 1) -> None:
         """``multi_token_only``: reuse only positions that passes of two or more tokens computed
-        (models with coarse activation rounding; see the module's docstring)."""
-        self.ids = np.zeros(max_length, np.int64)  # (max_length,) ids of the cached positions
-        self.length = 0  # cached positions; 0: nothing reusable
+        (models with coarse activation rounding; see the module's docstring). ``rows``: records
+        made at once (more are added when a row beyond them is stored)."""
+        if max_length < 1 or rows < 1:
+            raise ValueError(f"a prefix cache needs max_length >= 1 and rows >= 1, got {max_length} and {rows}")
+        self.max_length = max_length
+        self.ids = np.zeros((rows, max_length), np.int64)  # (rows, max_length) ids of each row's cached positions
+        self.lengths = np.zeros(rows, np.int64)  # (rows,) cached positions per row; 0: nothing reusable
         self.multi_token_only = multi_token_only
 
-    def clear(self) -> None:
-        """Row 0 is about to hold something else."""
-        self.length = 0
+    @property
+    def length(self) -> int:
+        """Row 0's cached positions (the single-request path's)."""
+        return int(self.lengths[0])
 
-    def take(self, prompt: np.ndarray, rope_switch: int | None, reuse: bool = True) -> int:
-        """How many leading positions of ``prompt`` can be reused (0 when ``reuse`` is False),
-        always fewer than its length (the last one is run for its logits). Clears the record: it
-        is put back by :meth:`store` when the request ends normally."""
-        cached = self.peek(prompt, rope_switch) if reuse else 0
-        self.length = 0
+    def held(self, row: int) -> int:
+        """Cached positions of ``row`` (0 for a row never stored)."""
+        return int(self.lengths[row]) if 0 <= row < self.lengths.size else 0
+
+    def clear(self, row: int = 0) -> None:
+        """``row`` is about to hold something else."""
+        if 0 <= row < self.lengths.size:
+            self.lengths[row] = 0
+
+    def clear_all(self) -> None:
+        """Every row is about to hold something else."""
+        self.lengths[:] = 0
+
+    def take(self, prompt: np.ndarray, rope_switch: int | None, reuse: bool = True, row: int = 0) -> int:
+        """How many leading positions of ``prompt`` can be reused from ``row`` (0 when ``reuse`` is
+        False), always fewer than its length (the last one is run for its logits). Clears the
+        row's record: it is put back by :meth:`store` when the request ends normally."""
+        cached = self.peek(prompt, rope_switch, row) if reuse else 0
+        self.clear(row)
         return cached
 
-    def peek(self, prompt: np.ndarray, rope_switch: int | None) -> int:
-        """What :meth:`take` would reuse for ``prompt``, leaving the record as it is."""
-        length, n = self.length, int(prompt.size)
+    def peek(self, prompt: np.ndarray, rope_switch: int | None, row: int = 0) -> int:
+        """What :meth:`take` would reuse for ``prompt`` from ``row``, leaving the record as it is."""
+        length, n = self.held(row), int(prompt.size)
         if length == 0 or n < 2:
             return 0
         if rope_switch is not None and (length > rope_switch) != (n > rope_switch):
@@ -59,21 +92,64 @@ class PrefixCache:
         m = min(length, n - (2 if self.multi_token_only else 1))
         if m <= 0:
             return 0
-        differ = np.flatnonzero(self.ids[:m] != prompt[:m])
+        differ = np.flatnonzero(self.ids[row, :m] != prompt[:m])
         return int(differ[0]) if differ.size else m
 
-    def store(self, prompt: np.ndarray, new_ids: list[int], length: int) -> None:
-        """Row 0 holds ``length`` positions: ``prompt`` then the first of ``new_ids`` (with
+    def store(self, prompt: np.ndarray, new_ids: Sequence[int] | np.ndarray, length: int, row: int = 0) -> None:
+        """``row`` holds ``length`` positions: the first of ``prompt`` then of ``new_ids`` (with
         ``multi_token_only``, the prompt's alone are kept: one-token steps computed the rest)."""
+        if row < 0:
+            raise ValueError(f"row must be >= 0, got {row}")
+        self._grow(row)
         p = int(prompt.size)
-        if not p <= length <= p + len(new_ids) or length > self.ids.size:
-            self.length = 0  # not a state this record can describe: reuse nothing
+        if not 0 <= length <= p + len(new_ids) or length > self.max_length:
+            self.lengths[row] = 0  # not a state this record can describe: reuse nothing
             return
         if self.multi_token_only:
             if p < 2:  # a one-token prompt ran as a one-token pass
-                self.length = 0
+                self.lengths[row] = 0
                 return
-            length = p
-        self.ids[:p] = prompt
-        self.ids[p:length] = new_ids[: length - p]
-        self.length = length
+            length = min(length, p)
+        ids = self.ids[row]
+        k = min(length, p)
+        ids[:k] = prompt[:k]
+        ids[k:length] = new_ids[: length - k]
+        self.lengths[row] = length
+
+    def swap(self, a: int, b: int) -> None:
+        """Rows ``a`` and ``b`` swapped their KV (``StepState.swap_rows``): their records follow."""
+        self._grow(max(a, b))
+        self.ids[[a, b]] = self.ids[[b, a]]
+        self.lengths[[a, b]] = self.lengths[[b, a]]
+
+    def route(
+        self, prompts: Sequence[np.ndarray | None], free: Sequence[int], rope_switch: int | None
+    ) -> dict[int, tuple[int, int]]:
+        """Match requests to free rows by their cached prefixes: ``{request index: (row, cached
+        positions)}`` for the requests that get a row holding part of their prompt. The longest
+        matches are taken first (ties: the earlier request, then the earlier row); each row serves
+        one request. ``prompts[i]`` is None for a request without the prefix cache."""
+        pairs = []
+        for i, prompt in enumerate(prompts):
+            if prompt is None:
+                continue
+            for row in free:
+                cached = self.peek(prompt, rope_switch, row)
+                if cached > 0:
+                    pairs.append((-cached, i, row))
+        pairs.sort()
+        chosen: dict[int, tuple[int, int]] = {}
+        used: set[int] = set()
+        for neg, i, row in pairs:
+            if i not in chosen and row not in used:
+                chosen[i] = (row, -neg)
+                used.add(row)
+        return chosen
+
+    def _grow(self, row: int) -> None:
+        """Records for rows up to ``row`` (none held)."""
+        have = self.lengths.size
+        if row >= have:
+            more = row + 1 - have
+            self.ids = np.concatenate((self.ids, np.zeros((more, self.max_length), np.int64)))
+            self.lengths = np.concatenate((self.lengths, np.zeros(more, np.int64)))
