@@ -345,7 +345,25 @@ def _resume(ctx: DecodeContext, req: Request, row: RowOutput) -> Any:
     ids = np.concatenate((req.prompt_ids, row.ids))
     ctx.sampler.reset(req.params, [ids], checked=True)  # penalty counts: prompt + tokens so far, as they were
     ctx.sampler.restore_row(0, saved)
-    return ctx.state.prefill(ids[None, :])
+    if ctx.spec.coarse_activations is None:
+        return ctx.state.prefill(ids[None, :])
+    return _replay(ctx, req.prompt_ids, row.ids)
+
+
+def _replay(ctx: DecodeContext, prompt: np.ndarray, tokens: np.ndarray) -> Any:
+    """Rebuild row 0's cache as a plain run built it: the prompt in one pass, then each token in a
+    one-token step (a recompute at the LongRoPE switch where the run had one). For models whose
+    matmuls round activations coarsely (engine/config.py coarse_activations), where one pass over
+    the tokens would give their keys and values other roundings and could change later tokens."""
+    st, switch = ctx.state, ctx.rope_switch
+    logits = st.prefill(prompt[None, :])
+    for i, tok in enumerate(tokens.tolist()):
+        if st.length == switch:
+            logits = st.prefill(np.concatenate((prompt, tokens[: i + 1]))[None, :])
+        else:
+            st.next_ids[0] = tok
+            logits = st.decode_one_token()
+    return logits
 
 
 def run_to_end(loop: Generator[Any, None, GenerationResult]) -> GenerationResult:

@@ -133,3 +133,20 @@ def test_accuracy_level_zero_still_drafts(tmp_path_factory):
         warnings.simplefilter("error")
         eng = engine.Engine(model, max_length=128, speculation="prompt_lookup")
     assert eng.speculation_plain is None and eng._ctx.drafter is not None
+
+
+@pytest.mark.slow
+def test_evicted_stream_on_int8_activation_model_resumes_with_the_same_tokens(acc4):
+    """A resumed stream's cache is rebuilt as the run built it: the prompt in one pass, then its
+    tokens in one-token steps (one pass over them would round differently and could change the
+    tokens that follow)."""
+    eng = engine.Engine(acc4, max_length=256)
+    eng.eos_token_ids = frozenset()
+    rng = np.random.default_rng(21)
+    for _ in range(3):
+        prompt = rng.integers(3, VOCAB, 16).tolist()
+        want = eng.generate(prompt, 64).token_ids
+        stream = eng.stream(prompt, max_new_tokens=64)
+        head = [next(stream).token_id for _ in range(20)]
+        eng.generate(rng.integers(3, VOCAB, 8).tolist(), 4)  # same thread: evicts the stream
+        assert head + [c.token_id for c in stream] == want
