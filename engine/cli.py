@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .errors import EngineError
+from .errors import EngineError, InvalidRequestError
 from .sampling import SamplingParams
 
 _INT32_MAX = 2**31 - 1
@@ -92,6 +92,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="ORT intra-op threads (default: measured per model)",
     )
+    p.add_argument(
+        "--speculation",
+        choices=["prompt_lookup"],
+        default=None,
+        help="draft tokens from the request's own text and verify several per pass (CPU, GQA share-buffer models)",
+    )
+    p.add_argument(
+        "--speculation-inexact",
+        action="store_true",
+        help="draft even where a verify pass cannot reproduce plain decoding exactly (int8-activation INT4 models)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="reuse the KV of a previous request whose ids start the new prompt (chat turns)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -122,6 +138,16 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Engine keywords of --speculation, --speculation-inexact and --prefix-cache."""
+    if args.speculation_inexact and args.speculation is None:
+        raise InvalidRequestError("--speculation-inexact needs --speculation prompt_lookup")
+    options: dict[str, Any] = {"speculation": args.speculation, "prefix_cache": args.prefix_cache}
+    if args.speculation_inexact:
+        options["speculation_options"] = {"exact": False}
+    return options
+
+
 def _engine(args: argparse.Namespace):
     from .generation import Engine
 
@@ -131,13 +157,17 @@ def _engine(args: argparse.Namespace):
         max_length=args.max_length,
         threads=args.threads,
         max_batch=getattr(args, "max_batch", 1),
+        **_engine_options(args),
     )
 
 
 def _print_stats(stats) -> None:
     print(
         f"\n[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; TTFT {stats.ttft_s * 1000:.1f} ms; "
-        f"decode {stats.decode_tokens_per_s:.1f} tok/s]",
+        f"decode {stats.decode_tokens_per_s:.1f} tok/s"
+        + (f"; {stats.cached_prompt_tokens} prompt tokens reused" if stats.cached_prompt_tokens else "")
+        + (f"; drafts kept {stats.accepted_tokens}/{stats.drafted_tokens}" if stats.drafted_tokens else "")
+        + "]",
         file=sys.stderr,
     )
 
@@ -284,6 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         spinning=args.spinning,
         config=config,
         log_level=args.log_level,
+        engine_options=_engine_options(args),
     )
     return 0
 

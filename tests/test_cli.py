@@ -235,3 +235,22 @@ def test_a_line_of_invalid_utf8_does_not_end_the_chat(model_dir):
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert err.count("tok/s") == 3 and "Traceback" not in err
+
+
+def test_generate_with_speculation_prints_the_plain_text_and_the_drafts_kept(stories260k, capsys):
+    """--speculation on a prompt that repeats its own text prints what a plain run prints, and the
+    stats line reports the drafts kept."""
+    text = "Once upon a time, there was a little girl named Lily. She loved to play. Once upon a time, there was"
+    args = ["generate", "--model", str(stories260k), "--prompt", text, "--max-new-tokens", "60"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculation", "prompt_lookup", "--prefix-cache"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    assert "drafts kept" in err
+
+
+def test_speculation_inexact_alone_is_a_usage_error(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a", "--speculation-inexact"]) == 2
+    err = capsys.readouterr().err
+    assert "--speculation-inexact needs --speculation prompt_lookup" in err

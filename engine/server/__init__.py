@@ -7,6 +7,9 @@ See docs/serving.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .app import ServerConfig, create_app
 
 __all__ = ["ServerConfig", "create_app", "serve"]
@@ -24,10 +27,12 @@ def serve(
     spinning: bool = False,
     config: ServerConfig | None = None,
     log_level: str = "info",
+    engine_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Load ``model_dir`` (continuous batching when ``max_batch`` >= 2) and serve it with uvicorn
     until interrupted. Binds 127.0.0.1 unless told otherwise. ORT's idle threads do not spin by
-    default: the event loop and the clients' sockets need the cores between steps."""
+    default: the event loop and the clients' sockets need the cores between steps. ``engine_options``:
+    more Engine keywords (``speculation``, ``speculation_options``, ``prefix_cache``)."""
     import uvicorn
 
     from ..generation import Engine
@@ -41,6 +46,7 @@ def serve(
             spinning=spinning,
             max_batch=max_batch,
             auto_batch=max_batch >= 2,
+            **dict(engine_options or {}),
         )
 
     app = create_app(loader=load, config=config)
