@@ -252,15 +252,20 @@ def generate_one_speculative(
         if req.resume is not None:  # evicted while suspended: recompute the cache, re-read the text
             tok = _resume_speculative(ctx, req, row)
             continue
+        if drafter.cooldown:  # plain steps after a round that kept nothing: no lookup, no timing
+            drafter.cooldown -= 1
+            sampler.sample(decode_one_token(ctx, req, row), st.next_ids)
+            tok = int(host[0])
+            continue
         base = st.length  # cached positions; ``tok`` goes to position ``base``
         limit = req.max_new_tokens - row.n - 1  # drafts beyond it could not all be emitted
         if switch is not None and base <= switch:
             limit = min(limit, switch - base - 1)  # stay below a LongRoPE switch (decode_one_token recomputes there)
         k = drafter.propose(ids, limit)
-        if k == 0:
+        if k == 0:  # no match: a plain step, timed (the pass costs that set the draft width)
             t0 = time.perf_counter()
             logits = decode_one_token(ctx, req, row)
-            drafter.observe(1, time.perf_counter() - t0)  # the pass costs that set the draft width
+            drafter.observe(1, time.perf_counter() - t0)
             sampler.sample(logits, st.next_ids)
             tok = int(host[0])
             continue
@@ -377,14 +382,6 @@ def run_to_end(loop: Generator[Any, None, GenerationResult]) -> GenerationResult
 
 # ------------------------------------------------------------------------------------------------
 # batches
-
-
-def prefers_row_zero(ctx: DecodeContext, req: Request) -> bool:
-    """Whether ``req``, alone, should take the single-request path on row 0 rather than open a
-    batch others may join: it asked for the prefix cache. Row 0 then holds its conversation's
-    prefix, or comes to hold it (a batch would clear the record; the single path stores it, so the
-    conversation's next turn finds it there)."""
-    return ctx.prefix is not None and req.prefix_cache
 
 
 def can_batch(ctx: DecodeContext, reqs: list[Request]) -> bool:

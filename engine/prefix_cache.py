@@ -127,20 +127,23 @@ class PrefixCache:
     ) -> dict[int, tuple[int, int]]:
         """Match requests to free rows by their cached prefixes: ``{request index: (row, cached
         positions)}`` for the requests that get a row holding part of their prompt. The longest
-        matches are taken first (ties: the earlier request, then the earlier row); each row serves
-        one request. ``prompts[i]`` is None for a request without the prefix cache."""
+        matches are taken first (ties: the row holding less, then the earlier request, then the
+        earlier row); each row serves one request. A row is offered to a request only when the
+        request reuses at least half of what the row holds: a new conversation that shares a BOS
+        or a short system prompt with a held one does not take its row. ``prompts[i]`` is None
+        for a request without the prefix cache."""
         pairs = []
         for i, prompt in enumerate(prompts):
             if prompt is None:
                 continue
             for row in free:
                 cached = self.peek(prompt, rope_switch, row)
-                if cached > 0:
-                    pairs.append((-cached, i, row))
+                if cached > 0 and 2 * cached >= self.held(row):
+                    pairs.append((-cached, self.held(row), i, row))
         pairs.sort()
         chosen: dict[int, tuple[int, int]] = {}
         used: set[int] = set()
-        for neg, i, row in pairs:
+        for neg, _, i, row in pairs:
             if i not in chosen and row not in used:
                 chosen[i] = (row, -neg)
                 used.add(row)

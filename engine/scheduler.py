@@ -16,7 +16,10 @@ and waits are timed acquires of plain locks (an interrupted acquire holds nothin
 ``threading.Condition`` is used: its Python-level wait/notify bookkeeping is not interrupt-safe.
 
 The auto_batch worker (``AutoBatcher``) takes queued requests, oldest first, and runs them as a
-batch that later requests join between decode steps; every caller waits for its own ticket.
+batch that later requests join between decode steps; every caller waits for its own ticket. With
+a prefix cache it routes: a prefix-cache request starts or joins on the free row holding its
+longest cached prefix (engine/prefix_cache.py), and rows' records are kept from requests that
+reuse nothing there where an unused row can take them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from .decode import (
     DecodeContext,
@@ -34,12 +37,14 @@ from .decode import (
     fits_join,
     generate_batch,
     generate_single,
-    prefers_row_zero,
     run_requests,
     run_to_end,
 )
 from .errors import EngineError, InvalidRequestError
 from .request import GenerationResult, Request, StreamChunk
+
+if TYPE_CHECKING:
+    from .binding import StepState
 
 _log = logging.getLogger("engine")
 CLOSED = "this Engine is closed; create a new one"
@@ -452,23 +457,82 @@ class AutoBatcher:
         def joins(free: list[int], width: int, take: bool) -> list[tuple[int, Request]]:
             if not self._queue or self._lock.contended:
                 return []  # a caller waits for the engine: the batch drains and lets it go
-            taken: list[tuple[int, Request]] = []
+            fitting: list[Ticket] = []
             with self._qlock:
                 for t in list(self._queue):
-                    if len(taken) == len(free):
+                    if len(fitting) == len(free):
                         break
                     if t.request.cancelled:
                         if take:
                             self._queue.remove(t)
                     elif fits_join(self._ctx, t.request, width):
-                        if take:
-                            self._queue.remove(t)
-                            group.append(t)  # in the group from now on: an error reaches it too
-                            tickets[id(t.request)] = t
-                        taken.append((free[len(taken)], t.request))
-            return taken
+                        fitting.append(t)
+                if not take:  # a probe: whether any would join (rows do not matter)
+                    return [(row, t.request) for row, t in zip(free, fitting, strict=False)]
+                for t in fitting:
+                    self._queue.remove(t)
+                    group.append(t)  # in the group from now on: an error reaches it too
+                    tickets[id(t.request)] = t
+            return self._join_rows([t.request for t in fitting], free)
 
         return joins
+
+    def _place(self, reqs: list[Request]) -> list[Request]:
+        """The rows ``0..n-1`` of a new batch for ``reqs`` (its order): each prefix-cache request
+        on the row holding its longest cached prefix (:meth:`PrefixCache.route`); a prefix held by
+        a row beyond ``n`` is swapped, KV and record, into a row no request matched. The other
+        requests fill the remaining rows in queue order, each row's record first swapped out to a
+        row beyond ``n`` that holds less (see :func:`_keep_records`)."""
+        ctx, prefix, n = self._ctx, self._ctx.prefix, len(reqs)
+        if prefix is None or not any(r.prefix_cache for r in reqs):
+            return reqs  # rows as they come (an engine whose requests keep no prefixes moves no KV)
+        prompts = [r.prompt_ids if r.prefix_cache else None for r in reqs]
+        chosen = prefix.route(prompts, range(ctx.max_batch), ctx.rope_switch)
+        slots: list[Request | None] = [None] * n
+        for i, (row, _) in chosen.items():
+            if row < n:
+                slots[row] = reqs[i]
+        spare = sorted((b for b in range(n) if slots[b] is None), key=prefix.held)  # least held first
+        for row, i in sorted((row, i) for i, (row, _) in chosen.items() if row >= n):
+            target = spare.pop(0)
+            _swap_rows(ctx, target, row)
+            slots[target] = reqs[i]
+        rest = iter(r for i, r in enumerate(reqs) if i not in chosen)
+        _keep_records(ctx, spare, list(range(n, ctx.max_batch)))
+        return [r if r is not None else next(rest) for r in slots]
+
+    def _join_rows(self, reqs: list[Request], free: list[int]) -> list[tuple[int, Request]]:
+        """Rows for requests joining the running batch, as :func:`generate_batch` takes them (the
+        batch's stopped rows, then new rows ``n, n+1, ...`` in order): each prefix-cache request
+        on the free row holding its longest cached prefix — a new row's KV and record swapped into
+        the next row the batch grows by when it is another — the others on the stopped rows
+        holding the least, then on new rows, each row's record first swapped out to an unused
+        row beyond the batch that holds less (see :func:`_keep_records`)."""
+        ctx, prefix = self._ctx, self._ctx.prefix
+        if prefix is None or not any(r.prefix_cache for r in reqs):
+            return list(zip(free, reqs, strict=False))
+        n = ctx.state.rows  # the running batch's rows: the free ones below n stopped, n.. are new
+        prompts = [r.prompt_ids if r.prefix_cache else None for r in reqs]
+        chosen = prefix.route(prompts, free, ctx.rope_switch)
+        placed = [(row, reqs[i]) for i, (row, _) in chosen.items() if row < n]
+        used = {row for row, _ in placed}
+        stopped = sorted((b for b in free if b < n and b not in used), key=prefix.held)
+        rest = [r for i, r in enumerate(reqs) if i not in chosen]
+        fresh: list[int] = []  # rows given to requests that reuse nothing there
+        while rest and stopped:
+            fresh.append(stopped.pop(0))
+            placed.append((fresh[-1], rest.pop(0)))
+        grow = n
+        for row, i in sorted((row, i) for i, (row, _) in chosen.items() if row >= n):
+            _swap_rows(ctx, grow, row)  # rows beyond the batch: no step touches them
+            placed.append((grow, reqs[i]))
+            grow += 1
+        for r in rest:
+            fresh.append(grow)
+            placed.append((grow, r))
+            grow += 1
+        _keep_records(ctx, fresh, list(range(grow, ctx.max_batch)))
+        return placed
 
     def _run_group(self, group: list[Ticket]) -> None:
         """Run a group; each ticket finishes as its row ends. After a failure, the unfinished
@@ -477,12 +541,8 @@ class AutoBatcher:
         reqs = [t.request for t in group]
         tickets = {id(t.request): t for t in group}
         try:
-            if len(reqs) == 1 and prefers_row_zero(ctx, reqs[0]):
-                # a prefix-cache request alone: row 0 holds (or will keep) its conversation's
-                # prefix; requests arriving meanwhile wait for it instead of joining
-                events = run_requests(ctx, reqs)
-            elif can_join_batch(ctx, reqs):
-                events = generate_batch(ctx, reqs, self._joins(group, tickets))
+            if can_join_batch(ctx, reqs):
+                events = generate_batch(ctx, self._place(reqs), self._joins(group, tickets))
             else:
                 events = run_requests(ctx, reqs)
             for _, req, chunk, result in events:
@@ -515,6 +575,32 @@ class AutoBatcher:
             queued, self._queue[:] = list(self._queue), []
         for t in queued:
             t.finish(error=error)
+
+
+def _swap_rows(ctx: DecodeContext, a: int, b: int) -> None:
+    """Swap rows ``a`` and ``b`` of the KV cache (their cached positions) and their prefix records."""
+    prefix = ctx.prefix
+    if a == b or prefix is None:
+        return
+    length = max(prefix.held(a), prefix.held(b))
+    cast("StepState", ctx.state).swap_rows(a, b, length)
+    prefix.swap(a, b)
+
+
+def _keep_records(ctx: DecodeContext, rows: list[int], unused: list[int]) -> None:
+    """``rows`` are about to be rewritten by requests that reuse nothing there: before that, each
+    one's record is swapped out to the row of ``unused`` (rows no batch runs on, none of them
+    rewritten now) holding the least, when that is less, so that a conversation held there
+    survives a new one."""
+    prefix = ctx.prefix
+    if prefix is None:
+        return
+    for row in rows:
+        if not unused:
+            return
+        spare = min(unused, key=prefix.held)
+        if prefix.held(spare) < prefix.held(row):
+            _swap_rows(ctx, row, spare)
 
 
 def _run_streaming(loop: Iterator[StreamChunk], ticket: Ticket) -> GenerationResult:

@@ -226,9 +226,9 @@ def test_synthetic_matches_numpy_reference(tmp_path_factory):
 
 
 def test_auto_batch_routes_a_lone_conversation_to_row_zero(stories260k, cold):
-    """With auto_batch, a prefix-cache request alone in the queue takes row 0, where its
-    conversation's prefix is: turns 2.. reuse it, exactly; a batch in between clears the record
-    and the conversation starts afresh (still exact)."""
+    """With auto_batch, a prefix-cache request alone in the queue takes the row where its
+    conversation's prefix is (row 0 here): turns 2.. reuse it, exactly; a batch of other prompts
+    in between rewrites the row and the conversation starts afresh (still exact)."""
     eng = engine.Engine(stories260k, max_batch=4, auto_batch=True, prefix_cache=True)
     try:
         res = _chat(eng, cold, TURNS[:3])
