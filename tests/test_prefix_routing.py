@@ -334,3 +334,42 @@ def test_threaded_conversations_reuse_their_rows_and_match_a_cold_engine(request
     finally:
         warm.close()
         cold.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# coarse activation rounding (MatMulNBits accuracy_level 4): batch rows reuse their prompts only
+
+
+@pytest.fixture(scope="module")
+def int4_acc4(tmp_path_factory):
+    from engine.testing.synthetic import phi4_mini_spec
+
+    return cached_model(phi4_mini_spec(layers=2, vocab=4096), tmp_path_factory.mktemp("int4acc4"))
+
+
+@pytest.mark.slow
+def test_int8_activation_batch_rows_reuse_only_their_prompts(int4_acc4):
+    """On an accuracy-level-4 INT4 model a batch row's record keeps its prompt alone (its tokens
+    came from one-token steps, whose KV rounds otherwise): each turn's batch equals a cold
+    engine's same batch token for token, reusing exactly the previous prompts. (A batch is
+    compared with a batch: one-token steps of several rows round differently from one row's.)"""
+    warm = engine.Engine(int4_acc4, max_length=512, max_batch=2, prefix_cache=True)
+    cold = engine.Engine(int4_acc4, max_length=512, max_batch=2)
+    try:
+        assert warm._ctx.prefix is not None and warm._ctx.prefix.multi_token_only
+        warm.eos_token_ids = cold.eos_token_ids = frozenset()
+        rng = np.random.default_rng(12)
+        convs = [rng.integers(3, 4096, 12).tolist(), rng.integers(3, 4096, 17).tolist()]
+        prev = [0, 0]  # the previous turn's prompt lengths
+        for turn in range(4):
+            got = warm.generate(convs, 24)
+            want = cold.generate(convs, 24)
+            assert [r.token_ids for r in got] == [r.token_ids for r in want], f"turn {turn}"
+            for b, r in enumerate(got):
+                assert r.stats.cached_prompt_tokens == prev[b], (turn, b)
+                assert warm._ctx.prefix.held(b) == len(convs[b])
+            prev = [len(c) for c in convs]
+            convs = [[*c, *r.token_ids, *rng.integers(3, 4096, 5).tolist()] for c, r in zip(convs, got, strict=True)]
+    finally:
+        warm.close()
+        cold.close()
