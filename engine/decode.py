@@ -312,10 +312,12 @@ def generate_single(ctx: DecodeContext, req: Request) -> Generator[StreamChunk, 
     """One request: the sampler reset for it, then the loop one step ahead when the sampler
     chooses the ids on the device (and no logprobs, no LongRoPE switch among its steps), the
     speculative loop when the request asks for it, else step by step. With a prefix cache the
-    prompt's positions cached by the previous request are reused, and the record is put back
-    when the request ends normally."""
+    prompt's positions cached in row 0 are reused (another row holding more of them is swapped in
+    first), and the record is put back when the request ends normally."""
     ctx.sampler.reset(req.params, [req.prompt_ids], checked=True)  # checked once, in engine/request.py
     switch, p = ctx.rope_switch, len(req.prompt_ids)
+    if ctx.prefix is not None and req.prefix_cache:  # a batch row holding more of the prompt: swapped to row 0
+        ctx.prefix.bring(cast("CPUStepState", ctx.state), req.prompt_ids, switch)
     cached = ctx.prefix.take(req.prompt_ids, switch, req.prefix_cache) if ctx.prefix is not None else 0
     # the decode steps run at lengths P .. P + max_new_tokens - 2; one at the switch re-prefills
     crosses = switch is not None and p <= switch <= p + req.max_new_tokens - 2

@@ -37,8 +37,15 @@ This holds for every row: a batch's one-token steps are one-token passes too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
+
+
+class RowSwapper(Protocol):
+    """What :meth:`PrefixCache.swap_rows` needs of a step state (``engine.binding.StepState``)."""
+
+    def swap_rows(self, a: int, b: int, length: int) -> None: ...
 
 
 class PrefixCache:
@@ -121,6 +128,21 @@ class PrefixCache:
         self._grow(max(a, b))
         self.ids[[a, b]] = self.ids[[b, a]]
         self.lengths[[a, b]] = self.lengths[[b, a]]
+
+    def swap_rows(self, state: RowSwapper, a: int, b: int) -> None:
+        """Swap rows ``a`` and ``b`` of ``state``'s KV cache (their cached positions) and their
+        records. Neither row may be in a running batch."""
+        if a != b:
+            state.swap_rows(a, b, max(self.held(a), self.held(b)))
+            self.swap(a, b)
+
+    def bring(self, state: RowSwapper, prompt: np.ndarray, rope_switch: int | None, row: int = 0) -> None:
+        """Before a request runs alone on ``row`` (the single-request path's row 0): when another
+        row holds a longer prefix of ``prompt`` (offered as :meth:`route` offers rows), swap it
+        in; ``row``'s record moves to that row."""
+        chosen = self.route([prompt], range(self.lengths.size), rope_switch)
+        if chosen and chosen[0][0] != row and chosen[0][1] > self.peek(prompt, rope_switch, row):
+            self.swap_rows(state, row, chosen[0][0])
 
     def route(
         self, prompts: Sequence[np.ndarray | None], free: Sequence[int], rope_switch: int | None

@@ -579,12 +579,8 @@ class AutoBatcher:
 
 def _swap_rows(ctx: DecodeContext, a: int, b: int) -> None:
     """Swap rows ``a`` and ``b`` of the KV cache (their cached positions) and their prefix records."""
-    prefix = ctx.prefix
-    if a == b or prefix is None:
-        return
-    length = max(prefix.held(a), prefix.held(b))
-    cast("StepState", ctx.state).swap_rows(a, b, length)
-    prefix.swap(a, b)
+    if ctx.prefix is not None:
+        ctx.prefix.swap_rows(cast("StepState", ctx.state), a, b)
 
 
 def _keep_records(ctx: DecodeContext, rows: list[int], unused: list[int]) -> None:

@@ -217,6 +217,27 @@ def test_a_new_conversation_keeps_a_held_row_by_swapping_it_out(stories260k):
         cold.close()
 
 
+def test_a_single_request_swaps_the_row_holding_its_prefix_into_row_zero(stories260k):
+    """Without auto_batch a single request runs on row 0: a batch row holding more of its prompt
+    is swapped in first (row 0's record moving to that row), so both conversations stay reusable."""
+    warm, cold = _engines(stories260k, max_batch=4)
+    try:
+        a, b = warm.generate([[1, 20, 21, 22, 23], [1, 70, 71, 72, 73, 74, 75]], [6, 9])
+        a_ids, b_ids = [*a.prompt_ids, *a.token_ids, 4], [*b.prompt_ids, *b.token_ids, 4]
+        got_b = warm.generate(b_ids, 5)
+        assert got_b.stats.cached_prompt_tokens == len(b_ids) - 3  # row 1's record, less its last slot
+        assert got_b.token_ids == _cold(cold, b_ids, 5)
+        assert warm._ctx.prefix.held(1) == len(a_ids) - 3  # conversation a moved to row 1
+        got_a = warm.generate(a_ids, 5)
+        assert got_a.stats.cached_prompt_tokens == len(a_ids) - 3
+        assert got_a.token_ids == _cold(cold, a_ids, 5)
+        off = warm.generate(b_ids, 5, prefix_cache=False)  # no reuse asked: nothing moves, nothing reused
+        assert off.stats.cached_prompt_tokens == 0 and off.token_ids == got_b.token_ids
+    finally:
+        warm.close()
+        cold.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # invalidation
 
