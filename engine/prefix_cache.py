@@ -21,8 +21,10 @@ never serve a prompt that runs with the long ones, or the reverse. ``Engine.clos
 records with the buffers; an Engine of another ``max_length`` has a cache of its own.
 
 Routing (the auto_batch worker): :meth:`PrefixCache.route` matches requests to the free rows
-holding their longest cached prefixes; :meth:`PrefixCache.swap` follows a swap of two rows' KV
-(``StepState.swap_rows``), which brings a record to a row a batch can start or grow on.
+holding their longest cached prefixes; :meth:`PrefixCache.swap_rows` swaps two rows' KV
+(``StepState.swap_rows``, a copy of their cached positions) and records, which brings a record to
+a row a batch can start or grow on. A single request runs on row 0: :meth:`PrefixCache.bring`
+swaps in the row holding more of its prompt first.
 
 Models whose matmuls round activations coarsely (``ModelSpec.coarse_activations``: MatMulNBits at
 accuracy_level 4 and the like) get the same keys and values for a position from any pass of two
