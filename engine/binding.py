@@ -475,8 +475,8 @@ class StepState:
         """Swap the first ``length`` cached positions of KV rows ``a`` and ``b`` (share-buffer
         caches; rows outside any running batch): the prefix cache's routing brings a row's
         record to a row a batch starts or grows on."""
-        if not self._static:
-            raise ValueError("swap_rows needs a share-buffer GQA cache")
+        if not self._static or self.spec.window_caches or self.conv is not None:
+            raise ValueError("swap_rows needs a full-length share-buffer GQA cache and no conv states")
         if not (0 <= a < self.batch and 0 <= b < self.batch and 0 <= length <= self.max_length):
             raise ValueError(f"cannot swap {length} positions of rows {a} and {b} (batch {self.batch})")
         if a == b or length == 0:

@@ -88,6 +88,25 @@ def test_multi_token_only_rows_keep_the_prompt_alone():
     assert rec.peek(np.concatenate((prompt, [7])), None, row=2) == 9  # the suffix pass runs two tokens
 
 
+def test_step_state_refuses_offsets_and_swaps_that_do_not_fit(stories260k):
+    eng = engine.Engine(stories260k, max_batch=2)
+    try:
+        st, p = eng._state, np.array([1, 5, 6, 7], np.int64)
+        with pytest.raises(ValueError, match="starts"):
+            st.prefill_rows([p, p], 3, [0, 4])  # a whole prompt cached: its last position must run
+        with pytest.raises(ValueError, match="starts"):
+            st.prefill_rows([p, p], 3, [0])
+        with pytest.raises(ValueError, match="cannot swap"):
+            st.swap_rows(0, 2, 4)
+        st.prefill_rows([p, p[:3]], 3)
+        st.decode_rows()
+        st.finished[1] = 1
+        with pytest.raises(ValueError, match="cached positions"):
+            st.join_row(1, p[:3], 2, start=3)
+    finally:
+        eng.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # batches keep and reuse their rows
 
