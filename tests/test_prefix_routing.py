@@ -8,6 +8,7 @@ threaded conversations check exactness and that every later turn reused its conv
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -291,6 +292,29 @@ def test_a_failing_batch_leaves_its_running_rows_without_records(stories260k, mo
         assert [r.stats.cached_prompt_tokens for r in again[1:]] == [0, 0]
         for r in again:
             assert r.token_ids == _cold(cold, r.prompt_ids, 6)
+    finally:
+        warm.close()
+        cold.close()
+
+
+def test_batch_rows_never_reuse_keys_of_the_other_longrope_factors(stories260k, monkeypatch):
+    """A row whose keys were rotated with the long factors (a single request past the switch on
+    row 0) serves no batch row: batches stay below the switch."""
+    warm, cold = _engines(stories260k, max_batch=2)
+    try:
+        prompt = [1, *range(40, 52)]
+        switch = len(prompt) + 5
+        for e in (warm, cold):
+            monkeypatch.setattr(e, "spec", dataclasses.replace(e.spec, rope_switch_length=switch))
+        long = warm.generate(prompt, 12)  # crosses the switch: row 0 ends with long-factor keys
+        assert warm._ctx.prefix.held(0) > switch
+        turn = [*prompt, *long.token_ids[:3]]
+        got = warm.generate([turn, [1, 7, 8]], 2)  # a batch below the switch: row 0 reuses nothing
+        assert got[0].stats.cached_prompt_tokens == 0
+        assert got[0].token_ids == _cold(cold, turn, 2)
+        again = warm.generate([[*turn, *got[0].token_ids[:1], 5], [1, 7, 8]], 2)  # row 0 is short-factor now
+        assert again[0].stats.cached_prompt_tokens == len(turn)
+        assert again[0].token_ids == _cold(cold, [*turn, *got[0].token_ids[:1], 5], 2)
     finally:
         warm.close()
         cold.close()
