@@ -15,12 +15,14 @@ shorter and the share-buffer cache overwrites their slots later.
 latest occurrence ended, updated as tokens arrive (O(1) per token, no numpy), and proposes the
 tokens that followed the longest n-gram matching the end of the text (n-grams are packed into one
 int each, 32 bits per id, so that a token costs a few dict stores). Its width adapts: for each
-n-gram size it keeps a decaying estimate of how often a draft is kept, and drafts the number of
-tokens that maximises the expected tokens per pass over the pass's cost (``1 + draft_cost * k``
-times a plain step: a pass of k + 1 tokens cost 1.17 / 1.29 / 1.55 / 2.24 steps for k = 1 / 2 / 4
-/ 8 on stories260k here, and 1.04 / 1.26 / 1.67 / 2.54 for k = 1 / 2 / 4 / 8 on the Phi-4-mini-
-shaped INT4 model, issue 15). A round with nothing kept starts a cooldown of plain steps that
-doubles while rounds keep failing, so open-ended text pays for few wasted passes.
+match length (1 .. ``ngram``, and a longest match measured back up to ``LONG_MATCH`` ids further)
+it keeps a decaying estimate of how often a draft is kept, and drafts the number of tokens that
+maximises the expected tokens per pass over the pass's cost (measured: a pass of k + 1 tokens
+cost 1.17 / 1.29 / 1.55 / 2.24 steps for k = 1 / 2 / 4 / 8 on stories260k here, and 1.04 / 1.26 /
+1.67 / 2.54 on the Phi-4-mini-shaped INT4 model, issue 15; ``1 + draft_cost * k`` until timed).
+Text copied from the prompt has long matches kept ~90 % of the time, where up to ``max_draft``
+(8) drafts pay; a round with nothing kept starts a cooldown of plain steps that doubles while
+rounds keep failing, so open-ended text pays for few wasted passes.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class SpeculationConfig:
 
     ngram: int = 3
     min_ngram: int = 1
-    max_draft: int = 4
+    max_draft: int = 8
     max_cooldown: int = 16
     draft_cost: float = 0.15
     exact: bool = True
@@ -102,6 +104,11 @@ _COST_DECAY = 0.9  # weight of the past in each width's mean pass time
 # rounds in a row with nothing kept, and none kept before in the request: it stops drafting (with
 # cooldowns of 1, 2, 4, 8 plain steps between them, after some 20 tokens)
 GIVE_UP_MISSES = 5
+# a match of ``ngram`` ids is measured back up to this many ids further; each extra length has its
+# own estimate, from a higher prior: on stories260k a match of 6 ids or more is followed by the
+# same token 91 % of the time, one of 3 ids 70-75 %, one of 1 id 14-38 % (24 prompts, issue 15)
+LONG_MATCH = 3
+_LONG_PRIOR = (0.85, 1.0)
 
 
 class PromptLookupDrafter:
@@ -115,6 +122,9 @@ class PromptLookupDrafter:
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
         self.sizes = list(range(config.ngram, config.min_ngram - 1, -1))  # longest first
+        # the estimates' keys: match lengths, longest first (past ``ngram``: a match extended backwards)
+        self.keys = list(range(config.ngram + LONG_MATCH, config.ngram, -1)) + self.sizes
+        self._top_mask = (1 << (32 * config.ngram)) - 1
         # width -> decayed mean seconds of a pass of that many tokens (index 0 unused; 0.0: not
         # measured yet); kept across requests: the costs belong to the model and the machine
         self.pass_s = [0.0] * (config.width + 1)
@@ -122,20 +132,33 @@ class PromptLookupDrafter:
 
     def observe(self, width: int, seconds: float) -> None:
         """Record the time of one pass of ``width`` tokens (1: a plain step). An outlier past four
-        times the mean so far (a recomputed cache, a preempted thread) is left out."""
+        times the mean so far (a recomputed cache, a preempted thread) is left out; one past twice
+        the mean counts as twice the mean (a busy machine: the mean follows, slowly)."""
         mean = self.pass_s[width]
         if mean == 0.0:
             self.pass_s[width] = seconds
         elif seconds < 4.0 * mean:
-            self.pass_s[width] = _COST_DECAY * mean + (1.0 - _COST_DECAY) * seconds
+            self.pass_s[width] = _COST_DECAY * mean + (1.0 - _COST_DECAY) * min(seconds, 2.0 * mean)
 
     def cost(self, drafts: int) -> float:
         """Cost of a verify pass with ``drafts`` drafts, in plain steps: the measured ratio once
-        both passes have been timed, else ``1 + draft_cost * drafts``."""
-        step, wide = self.pass_s[1], self.pass_s[drafts + 1]
-        if step > 0.0 and wide > 0.0:
-            return max(1.0, wide / step)
-        return 1.0 + self.config.draft_cost * drafts
+        both passes have been timed (a wider pass timed as cheaper caps it: a noisy mean does not
+        make one width look dearer than a wider one), else ``1 + draft_cost * drafts``."""
+        return self.costs(drafts)[drafts]
+
+    def costs(self, most: int) -> list[float]:
+        """:meth:`cost` of 0..``most`` drafts (one pass over the timed widths)."""
+        pass_s, per = self.pass_s, self.config.draft_cost
+        step = pass_s[1]
+        out = [1.0] * (most + 1)
+        cap = 0.0  # the cheapest mean of a wider pass timed so far (0.0: none)
+        for w in range(len(pass_s) - 1, 1, -1):
+            wide = pass_s[w]
+            if wide > 0.0 and (cap == 0.0 or wide < cap):
+                cap = wide
+            if w <= most + 1:
+                out[w - 1] = max(1.0, min(wide, cap) / step) if step > 0.0 and wide > 0.0 else 1.0 + per * (w - 1)
+        return out
 
     def start(self, prompt: list[int]) -> None:
         """A new request whose text so far is ``prompt``."""
@@ -143,15 +166,21 @@ class PromptLookupDrafter:
         # n -> {key of an n-gram: index just past its latest occurrence (not the end of the text)};
         # an n-gram's key packs its ids 32 bits apart (one int: no tuple per token)
         self.index: dict[int, dict[int, int]] = {n: {} for n in self.sizes}
-        self.tails = [0] * (self.config.ngram + 1)  # n -> key of the last n ids (valid once n ids are in)
-        self.kept = dict.fromkeys(self.sizes, _PRIOR[0])  # n -> decayed drafts kept after an n-gram match
-        self.tried = dict.fromkeys(self.sizes, _PRIOR[1])  # n -> decayed drafts tried (kept + first rejected)
+        # (n, its index, the mask that cuts the last n ids out of ``key``), longest first
+        self._slots = [(n, self.index[n], (1 << (32 * n)) - 1) for n in self.sizes]
+        self.key = 0  # the last ``ngram`` ids packed (the lower 32 bits: the last id)
+        top, keys = self.config.ngram, self.keys
+        # match length -> decayed drafts kept after a match that long / tried (kept + first rejected);
+        # lengths past ``ngram`` (a longest n-gram match extended backwards) start from a higher prior
+        self.kept = {n: (_LONG_PRIOR if n > top else _PRIOR)[0] for n in keys}
+        self.tried = {n: (_LONG_PRIOR if n > top else _PRIOR)[1] for n in keys}
         # n -> the best width for that estimate (expected tokens per cost rise then fall with the
-        # width, so the best within a smaller limit is this one capped). Each size starts with a
-        # one-draft probe: a wide pass is paid for only after drafts of that size were kept.
-        self.best = dict.fromkeys(self.sizes, self.best_width(_PRIOR[0] / _PRIOR[1], self.config.max_draft))
+        # width, so the best within a smaller limit is this one capped). Each n-gram size starts with
+        # a two-draft probe (a longer match: wider): a wide pass is paid for once drafts were kept.
+        most = self.config.max_draft
+        self.best = {n: self.best_width(self.kept[n] / self.tried[n], most) for n in keys}
         self.width = 0  # the width of the last proposal
-        self.last_n = self.sizes[0]  # the n-gram size of the last proposal
+        self.last_n = self.sizes[0]  # the match length of the last proposal (an estimate's key)
         self.cooldown = 0
         self.misses = 0
         self.drafted = 0
@@ -165,54 +194,66 @@ class PromptLookupDrafter:
     def append(self, tok: int) -> None:
         """Record one token of the text. The n-grams ending just before it are indexed now, so
         that a lookup of the n-gram ending the text finds an earlier occurrence, never itself."""
-        text, tails, index = self.text, self.tails, self.index
+        text, key = self.text, self.key
         end = len(text)
-        for n in self.sizes:
+        for n, index, mask in self._slots:
             if end >= n:
-                index[n][tails[n]] = end
-        for n in range(len(tails) - 1, 0, -1):
-            tails[n] = (tails[n - 1] << 32) | tok
+                index[key & mask] = end
+        self.key = ((key << 32) | tok) & self._top_mask
         text.append(tok)
 
     def propose(self, out: np.ndarray, limit: int) -> int:
-        """Write up to ``limit`` drafts into ``out[1:]``; how many (0: none, or cooling down)."""
+        """Write up to ``limit`` drafts into ``out[1:]``; how many (0: none, or cooling down).
+
+        The drafts are what followed the latest earlier occurrence of the longest n-gram ending
+        the text; a match of ``ngram`` ids is extended backwards (up to ``ngram + LONG_MATCH``) to
+        pick its estimate, since a longer match is far more often followed by the same text."""
         if self.cooldown > 0:
             self.cooldown -= 1
             return 0
         limit = min(limit, self.config.max_draft)
         if limit < 1:
             return 0
-        text, tails = self.text, self.tails
+        text, key = self.text, self.key
         end = len(text)
-        for n in self.sizes:
+        top = self.config.ngram
+        for n, index, mask in self._slots:
             if end < n:
                 continue
-            at = self.index[n].get(tails[n])
+            at = index.get(key & mask)
             if at is None:
                 continue
+            m = n
+            if n == top:  # how far the match reaches back, past the n-gram
+                i, j, most = at - n - 1, end - n - 1, top + LONG_MATCH
+                while m < most and i >= 0 and text[i] == text[j]:
+                    m += 1
+                    i -= 1
+                    j -= 1
             # the tokens that followed the match (at < end always); at least one: a round that
             # keeps nothing starts a cooldown, which bounds how often a poor estimate is probed
-            k = max(1, min(self.best[n], limit, end - at))
+            k = max(1, min(self.best[m], limit, end - at))
             for i in range(k):
                 out[1 + i] = text[at + i]
-            self.width, self.last_n = k, n
+            self.width, self.last_n = k, m
             return k
         return 0
 
     def best_width(self, rate: float, most: int) -> int:
         """The number of drafts (0..most) with the most expected tokens per unit of pass cost,
         when each draft is kept with probability ``rate`` once the ones before it were."""
+        costs = self.costs(most)
         best_k, best, expected, p = 0, 1.0, 1.0, 1.0
         for k in range(1, most + 1):
             p *= rate
             expected += p
-            gain = expected / self.cost(k)
+            gain = expected / costs[k]
             if gain > best:
                 best_k, best = k, gain
         return best_k
 
     def feedback(self, drafted: int, accepted: int) -> None:
-        """Update the kept-draft estimate of the last proposal's n-gram size after a verify pass of
+        """Update the kept-draft estimate of the last proposal's match length after a verify pass of
         ``drafted`` drafts of which ``accepted`` were kept; a round with none kept cools down."""
         self.drafted += drafted
         self.accepted += accepted

@@ -4,8 +4,8 @@
     .venv/bin/python -m perf.speculation --models tiny --reps 9 --new-tiny 64
 
 1. **Prompt lookup on vs off**, decode tok/s of the same greedy request (exactly ``new`` tokens,
-   EOS ignored) on two engines of the same model, run alternately (off, on, off, on, ...); the
-   ratio is taken per pair and its median reported, with the medians of each side. Workloads:
+   EOS ignored) on two engines of the same model, run alternately (off, on, on, off, off, on, ...);
+   the ratio is taken per pair and its median reported, with the medians of each side. Workloads:
 
    * ``grounded``: the model's own greedy continuation of a text fed back inside a longer prompt
      (text + continuation + text again), so a model that copies repeats it; on stories260k also a
@@ -97,6 +97,11 @@ class OracleDrafter(PromptLookupDrafter):
             out[1 + i] = self.continuation[at + i]
         return k
 
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """Count the round; no cooldown (the oracle drafts at every position)."""
+        super().feedback(drafted, accepted)
+        self.cooldown = 0
+
 
 def _engines(model: ModelChoice, max_length: int, threads: int | None, **on: object):
     from engine import Engine
@@ -148,9 +153,13 @@ def run_speculation(
         on.generate(ids, 4)
         off_s, on_s, ratio = [], [], []
         match = True
-        for _ in range(reps):
-            a = off.generate(ids, new)
-            b = on.generate(ids, new)
+        for rep in range(reps):
+            if rep % 2:  # on first every other pair (the engine run second finds the cores warmer)
+                b = on.generate(ids, new)
+                a = off.generate(ids, new)
+            else:
+                a = off.generate(ids, new)
+                b = on.generate(ids, new)
             off_s.append(a.stats.decode_tokens_per_s)
             on_s.append(b.stats.decode_tokens_per_s)
             ratio.append(b.stats.decode_tokens_per_s / a.stats.decode_tokens_per_s)
@@ -276,7 +285,7 @@ def run_all(
         r, n = run_speculation(
             m,
             new=new_tiny if tiny else new,
-            reps=3 * reps if tiny else reps,
+            reps=10 * reps if tiny else reps,  # a tiny model's request takes ~10 ms: many pairs tame the noise
             threads=threads,
             tiny=tiny,
             progress=progress,
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB)
     p.add_argument("--new", type=int, default=48, help="new tokens per request on the synthetic model (default 48)")
     p.add_argument("--new-tiny", type=int, default=64, help="new tokens per request on tiny models (default 64)")
-    p.add_argument("--reps", type=int, default=5, help="repetitions (default 5; tiny models 3x as many)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions (default 5; tiny: 10x on/off pairs, 3x chats)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.model:

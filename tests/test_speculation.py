@@ -124,6 +124,52 @@ def test_drafter_estimates_per_ngram_size():
     assert d.last_n == 2
 
 
+def test_drafter_long_match_has_its_own_estimate():
+    """A match of ``ngram`` ids that reaches further back is keyed by its length (up to ``ngram +
+    LONG_MATCH``), whose estimate starts higher: wider drafts at once, and its misses leave the
+    3-gram estimate alone."""
+    from engine.speculation import LONG_MATCH
+
+    cfg = SpeculationConfig(ngram=3, max_draft=8)
+    d = PromptLookupDrafter(cfg)
+    story = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+    d.start([*story, 30, 31, 40, 13, 14, 15])  # (13, 14, 15) matches, and 12 before it does not
+    short = _drafts(d)
+    assert d.last_n == 3 and short == [16, 17]  # the 3-gram prior (60 % kept): two drafts
+    d.start([*story, 30, 11, 12, 13, 14, 15])  # (11 .. 15) matches: five ids
+    long = _drafts(d)
+    assert d.last_n == 5 and long == story[5 : 5 + len(long)] and len(long) > len(short)
+    d.start([*story, 30, *story[:9]])  # nine ids match: counted up to ngram + LONG_MATCH
+    assert _drafts(d) == [20, 21, 22, 30, 11, 12][: len(long)] and d.last_n == 3 + LONG_MATCH
+    tried3 = d.tried[3]
+    d.feedback(3, 0)
+    assert d.tried[3] == tried3 and d.tried[3 + LONG_MATCH] > 1.0
+
+
+def test_drafter_pass_costs_are_robust_to_noisy_means():
+    """A busy machine's slow pass counts as at most twice the mean, and a width whose mean came out
+    dearer than a wider pass's is capped by it (the widths' costs never decrease with a wider pass
+    timed cheaper)."""
+    d = PromptLookupDrafter(SpeculationConfig(max_draft=4))
+    d.observe(1, 100e-6)
+    for width, seconds in ((2, 120e-6), (3, 190e-6), (4, 140e-6), (5, 160e-6)):
+        d.observe(width, seconds)
+    assert d.cost(2) == pytest.approx(1.4)  # 190 us, capped by the 4-token pass
+    assert d.costs(4) == pytest.approx([1.0, 1.2, 1.4, 1.4, 1.6])
+    d.observe(1, 350e-6)  # between 2x and 4x the mean: counts as 200 us
+    assert d.pass_s[1] == pytest.approx(0.9 * 100e-6 + 0.1 * 200e-6)
+
+
+def test_wide_drafts_greedy_equals_plain(stories260k, plain, grounded):
+    """Verify passes of up to 17 tokens (max_draft 16) keep greedy output the plain engine's."""
+    eng = engine.Engine(stories260k, speculation="prompt_lookup", speculation_options={"max_draft": 16})
+    want = plain.generate(grounded, 100)
+    got = eng.generate(grounded, 100)
+    assert got.token_ids == want.token_ids
+    assert got.stats.accepted_tokens > 20
+    assert got.stats.drafted_tokens > got.stats.accepted_tokens  # rejections exercised too
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
