@@ -56,7 +56,7 @@ class DecodeContext:
     max_batch: int
     lookahead: bool = True  # device samplers: run one step ahead of the host (False: a switch for measuring)
     drafter: PromptLookupDrafter | None = None  # set when the state runs verify passes (speculation)
-    prefix: PrefixCache | None = None  # set when row 0's cache can be reused across requests
+    prefix: PrefixCache | None = None  # set when cache rows can be reused across requests (a record per row)
 
     @property
     def rope_switch(self) -> int | None:

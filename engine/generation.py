@@ -137,9 +137,11 @@ class Engine:
             InvalidRequestError); batches take plain steps. See docs/api.md, Speculation.
         speculation_options: knobs of :class:`~engine.speculation.SpeculationConfig` (``ngram``,
             ``min_ngram``, ``max_draft``, ``max_cooldown``, ``draft_cost``, ``exact``).
-        prefix_cache: reuse the KV of the previous single request when the next prompt starts with
-            the same ids (chat turns): only the rest of the prompt is prefilled. Off by default; a
-            request may override it with ``prefix_cache=``. CPU, share-buffer GQA models only.
+        prefix_cache: reuse the KV a cache row holds from an earlier request when the next prompt
+            starts with the same ids (chat turns): only the rest of the prompt is prefilled. Every
+            row keeps its record; auto_batch puts a request on the row holding its longest prefix.
+            Off by default; a request may override it with ``prefix_cache=``. CPU, share-buffer GQA
+            models only. See engine/prefix_cache.py.
     """
 
     def __init__(
