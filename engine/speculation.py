@@ -101,6 +101,7 @@ def check_mode(value: object) -> str | None:
 _DECAY = 0.7  # weight of the past in the kept-draft estimate, per round
 _PRIOR = (0.6, 1.0)  # (kept, tried) the estimate starts from: a draft is kept 60% of the time
 _COST_DECAY = 0.9  # weight of the past in each width's mean pass time
+_REFRESH = 16  # passes timed between refreshes of the cost table the widths are chosen from
 # rounds in a row with nothing kept, and none kept before in the request: it stops drafting (with
 # cooldowns of 1, 2, 4, 8 plain steps between them, after some 20 tokens)
 GIVE_UP_MISSES = 5
@@ -128,6 +129,8 @@ class PromptLookupDrafter:
         # width -> decayed mean seconds of a pass of that many tokens (index 0 unused; 0.0: not
         # measured yet); kept across requests: the costs belong to the model and the machine
         self.pass_s = [0.0] * (config.width + 1)
+        self._table: list[float] | None = None  # costs(max_draft) as of the last refresh (None: stale)
+        self._stale = 0  # passes timed since
         self.start([])
 
     def observe(self, width: int, seconds: float) -> None:
@@ -137,8 +140,10 @@ class PromptLookupDrafter:
         mean = self.pass_s[width]
         if mean == 0.0:
             self.pass_s[width] = seconds
+            self._table = None  # a width timed for the first time: the widths' costs change at once
         elif seconds < 4.0 * mean:
             self.pass_s[width] = _COST_DECAY * mean + (1.0 - _COST_DECAY) * min(seconds, 2.0 * mean)
+            self._stale += 1
 
     def cost(self, drafts: int) -> float:
         """Cost of a verify pass with ``drafts`` drafts, in plain steps: the measured ratio once
@@ -242,7 +247,10 @@ class PromptLookupDrafter:
     def best_width(self, rate: float, most: int) -> int:
         """The number of drafts (0..most) with the most expected tokens per unit of pass cost,
         when each draft is kept with probability ``rate`` once the ones before it were."""
-        costs = self.costs(most)
+        costs = self._table
+        if costs is None or self._stale >= _REFRESH or len(costs) <= most:
+            costs = self._table = self.costs(self.config.max_draft if most <= self.config.max_draft else most)
+            self._stale = 0
         best_k, best, expected, p = 0, 1.0, 1.0, 1.0
         for k in range(1, most + 1):
             p *= rate
