@@ -75,3 +75,12 @@ def tiny_gpt2() -> Path:
 def phi3_tokenizer_dir() -> Path:
     """Phi-3 family tokenizer.json, tokenizer_config.json and chat template."""
     return shared_path("tokenizers", "phi3")
+
+
+@pytest.fixture(scope="session")
+def int4_acc4(tmp_path_factory) -> Path:
+    """A 2-layer Phi-4-mini-shaped INT4 model whose MatMulNBits have accuracy_level 4 (int8
+    activations: ModelSpec.coarse_activations), vocab 4096, random weights."""
+    from engine.testing.synthetic import cached_model, phi4_mini_spec
+
+    return cached_model(phi4_mini_spec(layers=2, vocab=4096), tmp_path_factory.mktemp("int4acc4"))

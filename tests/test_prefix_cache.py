@@ -249,13 +249,6 @@ def test_auto_batch_routes_a_lone_conversation_to_row_zero(stories260k, cold):
 # coarse activation rounding (MatMulNBits accuracy_level 4): only multi-token passes' KV is reused
 
 
-@pytest.fixture(scope="module")
-def int4_acc4(tmp_path_factory):
-    from engine.testing.synthetic import phi4_mini_spec
-
-    return cached_model(phi4_mini_spec(layers=2, vocab=4096), tmp_path_factory.mktemp("int4acc4"))
-
-
 @pytest.mark.slow
 def test_int8_activation_model_matches_a_cold_engine_over_turns(int4_acc4):
     """On an accuracy-level-4 INT4 model a one-token step's KV differs from a prefill's by the

@@ -404,13 +404,6 @@ def test_threaded_conversations_reuse_their_rows_and_match_a_cold_engine(request
 # coarse activation rounding (MatMulNBits accuracy_level 4): batch rows reuse their prompts only
 
 
-@pytest.fixture(scope="module")
-def int4_acc4(tmp_path_factory):
-    from engine.testing.synthetic import phi4_mini_spec
-
-    return cached_model(phi4_mini_spec(layers=2, vocab=4096), tmp_path_factory.mktemp("int4acc4"))
-
-
 @pytest.mark.slow
 def test_int8_activation_batch_rows_reuse_only_their_prompts(int4_acc4):
     """On an accuracy-level-4 INT4 model a batch row's record keeps its prompt alone (its tokens

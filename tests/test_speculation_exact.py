@@ -29,11 +29,6 @@ from tests.test_speculation import _ScriptDrafter
 VOCAB = 4096
 
 
-@pytest.fixture(scope="module")
-def acc4(tmp_path_factory):
-    return cached_model(phi4_mini_spec(layers=2, vocab=VOCAB), tmp_path_factory.mktemp("acc4"))
-
-
 def _graph(*nodes) -> object:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     return helper.make_graph(list(nodes), "g", [x], [x])
@@ -55,8 +50,8 @@ def test_coarse_activations_names_the_reason():
     assert coarse_activations(_graph(helper.make_node("MatMul", ["x", "w"], ["y"]))) is None
 
 
-def test_spec_of_built_models(acc4, tmp_path_factory):
-    assert "accuracy_level 4" in engine.Engine(acc4, max_length=64).spec.coarse_activations
+def test_spec_of_built_models(int4_acc4, tmp_path_factory):
+    assert "accuracy_level 4" in engine.Engine(int4_acc4, max_length=64).spec.coarse_activations
     fp32 = cached_model(SyntheticSpec(layout="gqa", seed=7), tmp_path_factory.mktemp("fp32"))
     assert engine.Engine(fp32, max_length=64).spec.coarse_activations is None
 
@@ -72,10 +67,10 @@ def _grounded_prompts(plain: engine.Engine, rng: np.random.Generator, n: int) ->
 
 
 @pytest.mark.slow
-def test_int8_activation_model_takes_plain_steps_and_equals_plain_decoding(acc4):
-    plain = engine.Engine(acc4, max_length=256)
+def test_int8_activation_model_takes_plain_steps_and_equals_plain_decoding(int4_acc4):
+    plain = engine.Engine(int4_acc4, max_length=256)
     with pytest.warns(RuntimeWarning, match=r"accuracy_level 4.*exact': False"):
-        spec = engine.Engine(acc4, max_length=256, speculation="prompt_lookup")
+        spec = engine.Engine(int4_acc4, max_length=256, speculation="prompt_lookup")
     assert spec.speculation_plain is not None
     plain.eos_token_ids = spec.eos_token_ids = frozenset()
     for prompt in _grounded_prompts(plain, np.random.default_rng(5), 3):
@@ -100,13 +95,15 @@ def _near_argmax(model, prompt: list[int], tokens: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_opt_in_inexact_speculation_drafts_and_keeps_near_argmax_tokens(acc4):
+def test_opt_in_inexact_speculation_drafts_and_keeps_near_argmax_tokens(int4_acc4):
     """``exact=False`` verifies drafts on the int8-activation model; every token is still the
     model's near-best at its position, as plain decoding's are (same tolerance)."""
-    plain = engine.Engine(acc4, max_length=256)
+    plain = engine.Engine(int4_acc4, max_length=256)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: the caller chose it
-        spec = engine.Engine(acc4, max_length=256, speculation="prompt_lookup", speculation_options={"exact": False})
+        spec = engine.Engine(
+            int4_acc4, max_length=256, speculation="prompt_lookup", speculation_options={"exact": False}
+        )
     assert spec.speculation_plain is None
     plain.eos_token_ids = spec.eos_token_ids = frozenset()
     rng = np.random.default_rng(3)
@@ -116,13 +113,13 @@ def test_opt_in_inexact_speculation_drafts_and_keeps_near_argmax_tokens(acc4):
         spec._ctx.drafter = _ScriptDrafter(SpeculationConfig(exact=False), prompt, want)
         got = spec.generate(prompt, 48)
         assert got.stats.accepted_tokens > 10
-        _near_argmax(acc4, prompt, want)
-        _near_argmax(acc4, prompt, got.token_ids)
+        _near_argmax(int4_acc4, prompt, want)
+        _near_argmax(int4_acc4, prompt, got.token_ids)
 
 
-def test_exact_option_is_checked(acc4):
+def test_exact_option_is_checked(int4_acc4):
     with pytest.raises(engine.InvalidRequestError, match="exact must be True or False"):
-        engine.Engine(acc4, max_length=64, speculation="prompt_lookup", speculation_options={"exact": "no"})
+        engine.Engine(int4_acc4, max_length=64, speculation="prompt_lookup", speculation_options={"exact": "no"})
 
 
 def test_accuracy_level_zero_still_drafts(tmp_path_factory):
@@ -136,11 +133,11 @@ def test_accuracy_level_zero_still_drafts(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_evicted_stream_on_int8_activation_model_resumes_with_the_same_tokens(acc4):
+def test_evicted_stream_on_int8_activation_model_resumes_with_the_same_tokens(int4_acc4):
     """A resumed stream's cache is rebuilt as the run built it: the prompt in one pass, then its
     tokens in one-token steps (one pass over them would round differently and could change the
     tokens that follow)."""
-    eng = engine.Engine(acc4, max_length=256)
+    eng = engine.Engine(int4_acc4, max_length=256)
     eng.eos_token_ids = frozenset()
     rng = np.random.default_rng(21)
     for _ in range(3):
