@@ -62,6 +62,8 @@ class PrefixCache:
         self.max_length = max_length
         self.ids = np.zeros((rows, max_length), np.int64)  # (rows, max_length) ids of each row's cached positions
         self.lengths = np.zeros(rows, np.int64)  # (rows,) cached positions per row; 0: nothing reusable
+        self.stamps = np.zeros(rows, np.int64)  # (rows,) when each row's record was stored (a counter)
+        self._clock = 0
         self.multi_token_only = multi_token_only
 
     @property
@@ -72,6 +74,11 @@ class PrefixCache:
     def held(self, row: int) -> int:
         """Cached positions of ``row`` (0 for a row never stored)."""
         return int(self.lengths[row]) if 0 <= row < self.lengths.size else 0
+
+    def recency(self, row: int) -> int:
+        """When ``row``'s record was stored, as a counter that grows with every store (0: the row
+        holds nothing): the row of least recency is the first a new conversation may take."""
+        return int(self.stamps[row]) if self.held(row) else 0
 
     def clear(self, row: int = 0) -> None:
         """``row`` is about to hold something else."""
@@ -124,12 +131,15 @@ class PrefixCache:
         ids[:k] = prompt[:k]
         ids[k:length] = new_ids[: length - k]
         self.lengths[row] = length
+        self._clock += 1
+        self.stamps[row] = self._clock
 
     def swap(self, a: int, b: int) -> None:
         """Rows ``a`` and ``b`` swapped their KV (``StepState.swap_rows``): their records follow."""
         self._grow(max(a, b))
         self.ids[[a, b]] = self.ids[[b, a]]
         self.lengths[[a, b]] = self.lengths[[b, a]]
+        self.stamps[[a, b]] = self.stamps[[b, a]]
 
     def swap_rows(self, state: RowSwapper, a: int, b: int) -> None:
         """Swap rows ``a`` and ``b`` of ``state``'s KV cache (their cached positions) and their
@@ -180,3 +190,4 @@ class PrefixCache:
             more = row + 1 - have
             self.ids = np.concatenate((self.ids, np.zeros((more, self.max_length), np.int64)))
             self.lengths = np.concatenate((self.lengths, np.zeros(more, np.int64)))
+            self.stamps = np.concatenate((self.stamps, np.zeros(more, np.int64)))

@@ -481,8 +481,9 @@ class AutoBatcher:
         """The rows ``0..n-1`` of a new batch for ``reqs`` (its order): each prefix-cache request
         on the row holding its longest cached prefix (:meth:`PrefixCache.route`); a prefix held by
         a row beyond ``n`` is swapped, KV and record, into a row no request matched. The other
-        requests fill the remaining rows in queue order, each row's record first swapped out to a
-        row beyond ``n`` that holds less (see :func:`_keep_records`)."""
+        requests fill the remaining rows in queue order (least recently stored record first), each
+        row's record first swapped out to a row beyond ``n`` holding an older one (see
+        :func:`_keep_records`)."""
         ctx, prefix, n = self._ctx, self._ctx.prefix, len(reqs)
         if prefix is None or not any(r.prefix_cache for r in reqs):
             return reqs  # rows as they come (an engine whose requests keep no prefixes moves no KV)
@@ -492,7 +493,7 @@ class AutoBatcher:
         for i, (row, _) in chosen.items():
             if row < n:
                 slots[row] = reqs[i]
-        spare = sorted((b for b in range(n) if slots[b] is None), key=prefix.held)  # least held first
+        spare = sorted((b for b in range(n) if slots[b] is None), key=prefix.recency)  # least recent first
         for row, i in sorted((row, i) for i, (row, _) in chosen.items() if row >= n):
             target = spare.pop(0)
             _swap_rows(ctx, target, row)
@@ -505,9 +506,9 @@ class AutoBatcher:
         """Rows for requests joining the running batch, as :func:`generate_batch` takes them (the
         batch's stopped rows, then new rows ``n, n+1, ...`` in order): each prefix-cache request
         on the free row holding its longest cached prefix — a new row's KV and record swapped into
-        the next row the batch grows by when it is another — the others on the stopped rows
-        holding the least, then on new rows, each row's record first swapped out to an unused
-        row beyond the batch that holds less (see :func:`_keep_records`)."""
+        the next row the batch grows by when it is another — the others on the stopped rows whose
+        records are the least recently stored, then on new rows, each row's record first swapped
+        out to an unused row beyond the batch holding an older one (see :func:`_keep_records`)."""
         ctx, prefix = self._ctx, self._ctx.prefix
         if prefix is None or not any(r.prefix_cache for r in reqs):
             return list(zip(free, reqs, strict=False))
@@ -516,7 +517,7 @@ class AutoBatcher:
         chosen = prefix.route(prompts, free, ctx.rope_switch)
         placed = [(row, reqs[i]) for i, (row, _) in chosen.items() if row < n]
         used = {row for row, _ in placed}
-        stopped = sorted((b for b in free if b < n and b not in used), key=prefix.held)
+        stopped = sorted((b for b in free if b < n and b not in used), key=prefix.recency)
         rest = [r for i, r in enumerate(reqs) if i not in chosen]
         fresh: list[int] = []  # rows given to requests that reuse nothing there
         while rest and stopped:
@@ -586,16 +587,17 @@ def _swap_rows(ctx: DecodeContext, a: int, b: int) -> None:
 def _keep_records(ctx: DecodeContext, rows: list[int], unused: list[int]) -> None:
     """``rows`` are about to be rewritten by requests that reuse nothing there: before that, each
     one's record is swapped out to the row of ``unused`` (rows no batch runs on, none of them
-    rewritten now) holding the least, when that is less, so that a conversation held there
-    survives a new one."""
+    rewritten now) whose record is the least recently stored, when that one is older (or the row
+    empty): the least recently used conversation gives way, so conversations that keep coming
+    back keep their rows while stale ones are dropped."""
     prefix = ctx.prefix
     if prefix is None:
         return
     for row in rows:
         if not unused:
             return
-        spare = min(unused, key=prefix.held)
-        if prefix.held(spare) < prefix.held(row):
+        spare = min(unused, key=prefix.recency)
+        if prefix.recency(spare) < prefix.recency(row):
             _swap_rows(ctx, row, spare)
 
 

@@ -430,3 +430,29 @@ def test_int8_activation_batch_rows_reuse_only_their_prompts(int4_acc4):
     finally:
         warm.close()
         cold.close()
+
+
+def test_stale_conversations_give_their_rows_to_new_ones(stories260k):
+    """Three conversations fill rows 0-2 and stop; three new ones then take turns. A new
+    conversation takes the row whose record is the least recently stored, so from their second
+    turn on each reuses its own conversation (the old rows held more, and a rule by size kept
+    them pinned: every new turn reused nothing). Answers equal a cold engine's."""
+    warm = engine.Engine(stories260k, max_length=512, max_batch=4, auto_batch=True, prefix_cache=True)
+    cold = engine.Engine(stories260k, max_length=512)
+    warm.eos_token_ids = cold.eos_token_ids = frozenset()
+    try:
+        for rep in range(2):
+            rng = np.random.default_rng(rep)
+            ids: list[list[int]] = [[], [], []]
+            for turn in range(4):
+                for k in range(3):
+                    prompt = ids[k] + rng.integers(3, 500, 12).tolist()
+                    res = warm.generate(prompt, 12)
+                    assert res.token_ids == cold.generate(prompt, 12).token_ids, (rep, turn, k)
+                    if turn:
+                        # the row held the previous prompt and answer, less its last two positions
+                        assert res.stats.cached_prompt_tokens == len(ids[k]) - 2, (rep, turn, k)
+                    ids[k] = prompt + res.token_ids
+    finally:
+        warm.close()
+        cold.close()
