@@ -12,7 +12,7 @@ request draws the same stream). Rejected positions are dropped by bookkeeping: t
 shorter and the share-buffer cache overwrites their slots later.
 
 :class:`PromptLookupDrafter` keeps, for every n-gram size, a dict from the n-gram to where its
-latest occurrence ended, updated as tokens arrive (O(1) per token, no numpy), and proposes the
+latest occurrence ended, brought up to date at each lookup (O(1) per token, no numpy), and proposes the
 tokens that followed the longest n-gram matching the end of the text (n-grams are packed into one
 int each, 32 bits per id, so that a token costs a few dict stores). Its width adapts: for each
 match length (1 .. ``ngram``, and a longest match measured back up to ``LONG_MATCH`` ids further)
@@ -193,19 +193,25 @@ class PromptLookupDrafter:
         # text that copies nothing: after GIVE_UP_MISSES rounds with no draft kept, the request
         # takes plain steps without the drafter's per-token bookkeeping
         self.exhausted = False
-        for tok in prompt:
-            self.append(int(tok))
+        self.text.extend(int(tok) for tok in prompt)
+        self.indexed = 0  # tokens of ``text`` whose preceding n-grams are in ``index``
 
     def append(self, tok: int) -> None:
-        """Record one token of the text. The n-grams ending just before it are indexed now, so
-        that a lookup of the n-gram ending the text finds an earlier occurrence, never itself."""
-        text, key = self.text, self.key
-        end = len(text)
-        for n, index, mask in self._slots:
-            if end >= n:
-                index[key & mask] = end
-        self.key = ((key << 32) | tok) & self._top_mask
-        text.append(tok)
+        """Record one token of the text (indexed at the next :meth:`propose`: a plain step, or a
+        cooldown's, costs a list append)."""
+        self.text.append(tok)
+
+    def _catch_up(self) -> None:
+        """Index the n-grams ending just before each token appended since the last call, so that
+        a lookup of the n-gram ending the text finds an earlier occurrence, never itself."""
+        text, key, mask = self.text, self.key, self._top_mask
+        slots = self._slots
+        for end in range(self.indexed, len(text)):
+            for n, index, cut in slots:
+                if end >= n:
+                    index[key & cut] = end
+            key = ((key << 32) | text[end]) & mask
+        self.key, self.indexed = key, len(text)
 
     def propose(self, out: np.ndarray, limit: int) -> int:
         """Write up to ``limit`` drafts into ``out[1:]``; how many (0: none, or cooling down).
@@ -219,6 +225,8 @@ class PromptLookupDrafter:
         limit = min(limit, self.config.max_draft)
         if limit < 1:
             return 0
+        if self.indexed < len(self.text):
+            self._catch_up()
         text, key = self.text, self.key
         end = len(text)
         top = self.config.ngram
