@@ -109,7 +109,15 @@ GIVE_UP_MISSES = 5
 # own estimate, from a higher prior: on stories260k a match of 6 ids or more is followed by the
 # same token 91 % of the time, one of 3 ids 70-75 %, one of 1 id 14-38 % (24 prompts, issue 15)
 LONG_MATCH = 3
-_LONG_PRIOR = (0.85, 1.0)
+_LONG_PRIORS = (0.75, 0.8, 0.85)  # the kept rate a match of ngram + 1, + 2, + 3 (or more) ids starts from
+_UNIGRAM_PRIOR = 0.45  # and a match of one id (the same data: 14-38 % kept)
+
+
+def _prior(length: int, ngram: int) -> float:
+    """The kept rate the estimate of a match of ``length`` ids starts from."""
+    if length > ngram:
+        return _LONG_PRIORS[min(length - ngram, len(_LONG_PRIORS)) - 1]
+    return _UNIGRAM_PRIOR if length == 1 else _PRIOR[0]
 
 
 class PromptLookupDrafter:
@@ -177,8 +185,8 @@ class PromptLookupDrafter:
         top, keys = self.config.ngram, self.keys
         # match length -> decayed drafts kept after a match that long / tried (kept + first rejected);
         # lengths past ``ngram`` (a longest n-gram match extended backwards) start from a higher prior
-        self.kept = {n: (_LONG_PRIOR if n > top else _PRIOR)[0] for n in keys}
-        self.tried = {n: (_LONG_PRIOR if n > top else _PRIOR)[1] for n in keys}
+        self.kept = {n: _prior(n, top) for n in keys}
+        self.tried = dict.fromkeys(keys, 1.0)
         # n -> the best width for that estimate (expected tokens per cost rise then fall with the
         # width, so the best within a smaller limit is this one capped). Each n-gram size starts with
         # a two-draft probe (a longer match: wider): a wide pass is paid for once drafts were kept.
