@@ -162,6 +162,23 @@ def test_drafter_pass_costs_are_robust_to_noisy_means():
     assert d.pass_s[1] == pytest.approx(0.9 * 100e-6 + 0.1 * 200e-6)
 
 
+def test_drafter_cost_table_refreshes_every_16_timed_passes():
+    """The widths are chosen from a cost table rebuilt when a width is first timed and after every
+    16 timed passes, not at every round."""
+    from engine.speculation import _REFRESH
+
+    d = PromptLookupDrafter(SpeculationConfig(max_draft=1))
+    d.observe(1, 100e-6)
+    d.observe(2, 110e-6)
+    assert d.best_width(0.3, 1) == 1  # a cheap pass: even a 30 % keep rate pays
+    for _ in range(_REFRESH - 1):
+        d.observe(2, 199e-6)  # the 2-token pass turns dear (each sample under twice the mean)
+    assert d.cost(1) > 1.5  # (the means themselves move at once)
+    assert d.best_width(0.3, 1) == 1  # the table is not rebuilt yet
+    d.observe(2, 199e-6)
+    assert d.best_width(0.3, 1) == 0  # rebuilt from the new means
+
+
 def test_wide_drafts_greedy_equals_plain(stories260k, plain, grounded):
     """Verify passes of up to 17 tokens (max_draft 16) keep greedy output the plain engine's."""
     eng = engine.Engine(stories260k, speculation="prompt_lookup", speculation_options={"max_draft": 16})
