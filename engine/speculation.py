@@ -203,6 +203,7 @@ class PromptLookupDrafter:
         self.exhausted = False
         self.text.extend(int(tok) for tok in prompt)
         self.indexed = 0  # tokens of ``text`` whose preceding n-grams are in ``index``
+        self._catch_up()  # the prompt now (before the prefill), the tokens generated at lookups
 
     def append(self, tok: int) -> None:
         """Record one token of the text (indexed at the next :meth:`propose`: a plain step, or a
