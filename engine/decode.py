@@ -262,10 +262,11 @@ def generate_one_speculative(
         limit = req.max_new_tokens - row.n - 1  # drafts beyond it could not all be emitted
         if switch is not None and base <= switch:
             limit = min(limit, switch - base - 1)  # stay below a LongRoPE switch (decode_one_token recomputes there)
+        t_round = time.perf_counter()
         k = drafter.propose(ids, limit)
-        if k == 0:  # no match: a plain step, one in 8 timed (the pass costs that set the draft width)
+        if k == 0:  # no match: a plain step, one in 4 timed (the pass costs that set the draft width)
             plain += 1
-            if plain & 7 == 1:
+            if plain & 3 == 1:
                 t0 = time.perf_counter()
                 logits = decode_one_token(ctx, req, row)
                 drafter.observe(1, time.perf_counter() - t0)
@@ -277,7 +278,8 @@ def generate_one_speculative(
         ids[0] = tok
         t0 = time.perf_counter()
         st.decode_tokens(k + 1)  # logits after tok and after each draft, read through ``rows``
-        drafter.observe(k + 1, time.perf_counter() - t0)
+        pass_s = time.perf_counter() - t0
+        drafter.observe(k + 1, pass_s)
         kept = 0
         for j in range(k + 1):
             sampler.sample(rows[j], st.next_ids)
@@ -292,6 +294,8 @@ def generate_one_speculative(
         if req.resume is None:  # (an evicted stream's cache is another request's now)
             st.rewind(base + 1 + kept)  # tok and the kept drafts stay cached
         drafter.feedback(k, kept)
+        if kept == 0:  # (no token yielded in between) the round's host time beyond its pass
+            drafter.observe_round(time.perf_counter() - t_round - pass_s)
         row.drafted += k
         row.accepted += kept
         if row.done or req.cancelled:

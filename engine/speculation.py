@@ -102,6 +102,7 @@ _DECAY = 0.7  # weight of the past in the kept-draft estimate, per round
 _PRIOR = (0.6, 1.0)  # (kept, tried) the estimate starts from: a draft is kept 60% of the time
 _COST_DECAY = 0.9  # weight of the past in each width's mean pass time
 _REFRESH = 16  # passes timed between refreshes of the cost table the widths are chosen from
+_FIT_DECAY = 0.98  # weight of the past in the line fitted to the passes' costs, per timed pass
 # rounds in a row with nothing kept, and none kept before in the request: it stops drafting (with
 # cooldowns of 1, 2, 4, 8 plain steps between them, after some 20 tokens)
 GIVE_UP_MISSES = 5
@@ -139,39 +140,71 @@ class PromptLookupDrafter:
         self.pass_s = [0.0] * (config.width + 1)
         self._table: list[float] | None = None  # costs(max_draft) as of the last refresh (None: stale)
         self._stale = 0  # passes timed since
+        self.round_s = 0.0  # decayed mean host seconds of a verify round beyond its pass (observe_round)
+        # decayed sums of the timed verify passes (weight, k, r, k * k, k * r): k drafts, r the
+        # pass's time in plain steps; the least-squares line r = a + b * k gives every width's cost
+        self._fit = [0.0] * 5
+        self._rounds = 0  # rounds timed
         self.start([])
 
     def observe(self, width: int, seconds: float) -> None:
         """Record the time of one pass of ``width`` tokens (1: a plain step). An outlier past four
         times the mean so far (a recomputed cache, a preempted thread) is left out; one past twice
-        the mean counts as twice the mean (a busy machine: the mean follows, slowly)."""
+        the mean counts as twice the mean (a busy machine: the mean follows, slowly). A verify
+        pass also enters the line fitted to the passes' costs in plain steps (:meth:`costs`)."""
         mean = self.pass_s[width]
         if mean == 0.0:
             self.pass_s[width] = seconds
             self._table = None  # a width timed for the first time: the widths' costs change at once
         elif seconds < 4.0 * mean:
-            self.pass_s[width] = _COST_DECAY * mean + (1.0 - _COST_DECAY) * min(seconds, 2.0 * mean)
+            seconds = min(seconds, 2.0 * mean)
+            self.pass_s[width] = _COST_DECAY * mean + (1.0 - _COST_DECAY) * seconds
             self._stale += 1
+        else:
+            return
+        step = self.pass_s[1]
+        if width > 1 and step > 0.0:  # (drafts, cost in plain steps) into the decayed sums of the fit
+            k, r, fit = width - 1.0, seconds / step, self._fit
+            fit[0] = _FIT_DECAY * fit[0] + 1.0
+            fit[1] = _FIT_DECAY * fit[1] + k
+            fit[2] = _FIT_DECAY * fit[2] + r
+            fit[3] = _FIT_DECAY * fit[3] + k * k
+            fit[4] = _FIT_DECAY * fit[4] + k * r
 
     def cost(self, drafts: int) -> float:
-        """Cost of a verify pass with ``drafts`` drafts, in plain steps: the measured ratio once
-        both passes have been timed (a wider pass timed as cheaper caps it: a noisy mean does not
-        make one width look dearer than a wider one), else ``1 + draft_cost * drafts``."""
+        """Cost of a verify round with ``drafts`` drafts, in plain steps: the line fitted to the
+        timed passes (each relative to the plain step's mean when it ran; one line over every width,
+        so that a width seldom timed on a noisy machine takes its cost from the others), plus the
+        round's host time beyond its pass; ``1 + draft_cost * drafts`` until a pass is timed."""
         return self.costs(drafts)[drafts]
 
     def costs(self, most: int) -> list[float]:
-        """:meth:`cost` of 0..``most`` drafts (one pass over the timed widths)."""
-        pass_s, per = self.pass_s, self.config.draft_cost
-        step = pass_s[1]
-        out = [1.0] * (most + 1)
-        cap = 0.0  # the cheapest mean of a wider pass timed so far (0.0: none)
-        for w in range(len(pass_s) - 1, 1, -1):
-            wide = pass_s[w]
-            if wide > 0.0 and (cap == 0.0 or wide < cap):
-                cap = wide
-            if w <= most + 1:
-                out[w - 1] = max(1.0, min(wide, cap) / step) if step > 0.0 and wide > 0.0 else 1.0 + per * (w - 1)
-        return out
+        """:meth:`cost` of 0..``most`` drafts."""
+        w0, wk, wr, wkk, wkr = self._fit
+        per, step = self.config.draft_cost, self.pass_s[1]
+        if w0 <= 0.0 or step <= 0.0:
+            return [1.0 + per * k for k in range(most + 1)]
+        spread = w0 * wkk - wk * wk
+        # (one width timed so far: the configured slope through its mean)
+        slope = (w0 * wkr - wk * wr) / spread if spread > 1e-6 * w0 * w0 else per
+        slope = max(slope, 0.0)
+        base = (wr - slope * wk) / w0 + self.round_s / step
+        return [1.0] + [max(1.0, base + slope * k) for k in range(1, most + 1)]
+
+    def observe_round(self, seconds: float) -> None:
+        """Record the host time of one verify round beyond its pass (the lookup, the second
+        position's sampling, the bookkeeping; timed on rounds that kept nothing, which yield no
+        token in between). It is added to every width's cost: on stories260k a one-draft round
+        that keeps nothing costs 0.4-0.5 plain steps more than a plain step, not the 0.25 of its
+        pass alone."""
+        mean = self.round_s
+        if self._rounds == 0:
+            self.round_s = max(0.0, seconds)
+            self._table = None
+        elif 0.0 <= seconds < 4.0 * mean + 20e-6:
+            self.round_s = _COST_DECAY * mean + (1.0 - _COST_DECAY) * min(seconds, 2.0 * mean + 10e-6)
+            self._stale += 1
+        self._rounds += 1
 
     def start(self, prompt: list[int]) -> None:
         """A new request whose text so far is ``prompt``."""
