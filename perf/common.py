@@ -395,3 +395,22 @@ def prompt_ids(length: int, vocab: int, seed: int = 0) -> np.ndarray:
 def host_name() -> str:
     """Short host name for result file names."""
     return os.uname().nodename.split(".")[0] or "host"
+
+
+# ------------------------------------------------------------------------------------------------
+# markdown tables
+
+
+def table_header(header: list[str]) -> str:
+    """The header line and the rule line of a markdown table."""
+    return "| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|"
+
+
+def table_row(cells: list[object]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A whole markdown table."""
+    return "\n".join([table_header(header), *(table_row(r) for r in rows)])

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from .common import MODELS_DIR, ModelChoice, tiny_model
+from .common import MODELS_DIR, ModelChoice, table_header, table_row, tiny_model
 
 
 def _gqa_model() -> ModelChoice:
@@ -83,15 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=16, help="answer tokens per turn")
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args(argv)
-    print("| model | turns 2.. TTFT warm ms | cold ms | warm / cold (median of pairs) | prompt reused | equal |")
-    print("|---|---:|---:|---:|---:|---|")
+    header = ["model", "turns 2.. TTFT warm ms", "cold ms", "warm / cold (median of pairs)", "reused", "equal"]
+    print(table_header(header))
     for model in (tiny_model(), _gqa_model()):
         r = run(model, args.conversations, args.turns, args.add, args.new, args.reps)
-        print(
-            f"| {r['model']} | {r['warm_ms']:.2f} | {r['cold_ms']:.2f} | {r['ratio']:.3f} ({r['samples']} pairs) | "
-            f"{100 * r['reused']:.0f} % | {r['equal']} |",
-            flush=True,
-        )
+        ratio = f"{r['ratio']:.3f} ({r['samples']} pairs)"
+        reused = f"{100 * r['reused']:.0f} %"
+        cells = [r["model"], f"{r['warm_ms']:.2f}", f"{r['cold_ms']:.2f}", ratio, reused, r["equal"]]
+        print(table_row(cells), flush=True)
     return 0
 
 

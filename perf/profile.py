@@ -42,6 +42,7 @@ from .common import (
     TINY_BYTES,
     ModelChoice,
     host_name,
+    md_table,
     phi4_model,
     prompt_ids,
     tiny_model,
@@ -186,12 +187,6 @@ def python_profile(model: ModelChoice, ids: np.ndarray, n: int, threads: int | N
 # ------------------------------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.model:
@@ -228,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             [r["op"], f"{r['us_per_run']:.1f}", f"{r['calls_per_run']:.0f}", f"{100 * r['share']:.1f}%"]
             for r in ort_sum[phase][: args.top]
         ]
-        print(_table(["op", "µs per run", "calls per run", "share of kernels"], rows))
+        print(md_table(["op", "µs per run", "calls per run", "share of kernels"], rows))
     print(f"\nORT trace: {ort_sum['trace']}")
 
     print(
@@ -244,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for r in py_sum["functions"]
     ]
-    print(_table(["function", "calls/token", "own µs/token", "cumulative µs/token"], rows))
+    print(md_table(["function", "calls/token", "own µs/token", "cumulative µs/token"], rows))
     summary_path = Path(ort_sum["trace"]).with_name(Path(ort_sum["trace"]).stem.replace("-ort-", "-") + ".json")
     summary_path.write_text(
         json.dumps(

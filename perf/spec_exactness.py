@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.speculation import SpeculationConfig
 
-from .common import DEFAULT_VOCAB, MODELS_DIR
+from .common import DEFAULT_VOCAB, MODELS_DIR, table_header, table_row
 from .speculation import OracleDrafter
 
 
@@ -78,18 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     print(f"# machine: {platform.machine()}, {platform.processor() or 'cpu'}; {args.layers} layers, vocab {args.vocab}")
-    print(
-        "| accuracy_level | coarse activations | requests parted (exact=False) | first differing token "
-        "| drafts kept | default engine equals plain | default engine drafts |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    header = ["accuracy_level", "coarse activations", "requests parted (exact=False)", "first differing token"]
+    print(table_header([*header, "drafts kept", "default engine equals plain", "default engine drafts"]))
     for level in args.levels:
         r = run_level(level, args.layers, args.vocab, args.requests, args.new, args.seed)
-        print(
-            f"| {r['level']} | {r['coarse']} | {r['parted']} | {r['first']} | {r['kept']} | "
-            f"{r['default_equal']} | {r['default_drafts']} |",
-            flush=True,
-        )
+        print(table_row(list(r.values())), flush=True)
     return 0
 
 
