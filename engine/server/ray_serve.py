@@ -36,13 +36,15 @@ def build_app(
     num_gpus: float = 0,
     config: ServerConfig | None = None,
     name: str = "engine",
+    engine_options: dict[str, Any] | None = None,
 ) -> Application:
     """A bound Ray Serve application serving ``model_dir`` with the OpenAI-compatible app.
 
     ``num_cpus`` / ``num_gpus``: what each replica reserves (one engine per replica; ``threads``
     defaults to ``num_cpus``). Give ``num_replicas`` for a fixed count, or ``autoscaling`` (Ray
     Serve's ``autoscaling_config``; the default scales 1..2 replicas on ongoing requests, a
-    replica's target being ``max_batch`` requests)."""
+    replica's target being ``max_batch`` requests). ``engine_options``: more Engine keywords
+    (``speculation``, ``speculation_options``, ``prefix_cache``)."""
     cfg = config or ServerConfig(model_name=os.path.basename(os.path.normpath(model_dir)))
     ort_threads = threads if threads is not None else max(1, int(num_cpus))
 
@@ -55,6 +57,7 @@ def build_app(
             spinning=False,  # the replica's event loop needs the cores between steps
             max_batch=max_batch,
             auto_batch=max_batch >= 2,
+            **(engine_options or {}),
         )
 
     fastapi_app = create_app(loader=load, config=cfg)
@@ -106,7 +109,8 @@ def build_app(
 def app_from_env() -> Application:
     """``serve run engine.server.ray_serve:app``: the model folder from ``ENGINE_MODEL``, the
     replica shape from ``ENGINE_REPLICAS`` (default: autoscaling), ``ENGINE_NUM_CPUS``,
-    ``ENGINE_NUM_GPUS`` and ``ENGINE_MAX_BATCH``."""
+    ``ENGINE_NUM_GPUS`` and ``ENGINE_MAX_BATCH``; ``ENGINE_PREFIX_CACHE=1`` turns the prefix cache on
+    (per-row reuse and routing of conversations in each replica)."""
     model = os.environ.get("ENGINE_MODEL")
     if not model:
         raise RuntimeError("set ENGINE_MODEL to the model folder to serve")
@@ -117,6 +121,7 @@ def app_from_env() -> Application:
         num_replicas=int(replicas) if replicas else None,
         num_cpus=float(os.environ.get("ENGINE_NUM_CPUS", "2")),
         num_gpus=float(os.environ.get("ENGINE_NUM_GPUS", "0")),
+        engine_options={"prefix_cache": os.environ.get("ENGINE_PREFIX_CACHE", "0") == "1"},
         config=ServerConfig(
             model_name=os.path.basename(os.path.normpath(model)), api_key=os.environ.get("ENGINE_API_KEY") or None
         ),
