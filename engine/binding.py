@@ -219,11 +219,11 @@ class StepState:
             handle = self._logits_range_handles[start, stop] = (value, self.bind.value(value))
         return handle[1]
 
-    def _positions(self, n: int) -> np.ndarray | None:
-        """(1, n) positions 0..n-1 of a prompt, or None for models without position_ids."""
+    def _positions(self, n: int, start: int = 0) -> np.ndarray | None:
+        """(1, n - start) positions start..n-1 of a prompt, or None for models without position_ids."""
         if self.position_ids is None:
             return None
-        return np.arange(n, dtype=self.spec.position_ids.dtype)[None, :]
+        return np.arange(start, n, dtype=self.spec.position_ids.dtype)[None, :]
 
     def prefill(self, prompt_ids: np.ndarray) -> np.ndarray:
         """Run the prompt ``(1, P)`` through the model; returns the last position's logits ``(1, vocab)``."""
@@ -323,13 +323,8 @@ class StepState:
         if not self._static or self.mask is None or not 0 < start < n or start > self.length:
             raise ValueError(f"cannot continue a prompt of {n} tokens from {start} cached positions")
         self.rows = 1
-        self._bind_rows(1)
-        # (1, n - start) int64/int32, cpu: made per request, as the prefill's ids are
-        ids = np.ascontiguousarray(prompt_ids[:, start:], dtype=self.spec.input_ids.dtype)
-        positions = None
-        if self.position_ids is not None:
-            positions = np.arange(start, n, dtype=self.spec.position_ids.dtype)[None, :]
-        self._run_prompt(ids, self._mask_handles[n], positions, 0)
+        self._run_row(0, prompt_ids[0], start)
+        self._bound_rows = 0  # _run_row bound row 0's KV and logits range: rebind the step's
         self._bind_rows(1)
         self.length = n
         self._bind_decode_inputs(1)
@@ -404,7 +399,7 @@ class StepState:
             p = prompts[start].size
             cached = starts[start] if starts is not None else 0
             if cached:  # a cached prefix: the rest of this row's prompt, alone
-                self._run_row_suffix(start, prompts[start], cached)
+                self._run_row(start, prompts[start], cached)
                 start += 1
                 continue
             stop = start + 1
@@ -457,19 +452,18 @@ class StepState:
             self.kv.advance(self.bind)
         return self.logits_2d
 
-    def _run_row_suffix(self, row: int, prompt: np.ndarray, start: int) -> None:
-        """Run ``prompt[start:]`` (1-D) on KV row ``row`` over its first ``start`` cached positions
-        (``start < len(prompt)``); the last position's logits land in ``logits[row]``. The caller
-        rebinds the batch's rows afterwards."""
+    def _run_row(self, row: int, prompt: np.ndarray, start: int = 0) -> None:
+        """Run ``prompt[start:]`` (1-D) alone on KV row ``row``, over its first ``start`` cached
+        positions (0: a fresh prompt, conv states reset); the last position's logits land in
+        ``logits[row]``. Share-buffer caches. The caller rebinds the rows it runs afterwards."""
         spec, bind, p = self.spec, self.bind, int(prompt.size)
         self.kv.bind_rows(bind, row, row + 1)
+        if self.conv is not None and start == 0:
+            self.conv.start_rows(bind, row, row + 1)
         bind.bind_output(spec.logits.name, self._logits_range(row, row + 1))
         # (1, p - start) int64/int32, cpu: made per row, as a prefill's ids are
         ids = np.ascontiguousarray(prompt[None, start:], dtype=spec.input_ids.dtype)
-        positions = None
-        if self.position_ids is not None:
-            positions = np.arange(start, p, dtype=spec.position_ids.dtype)[None, :]
-        self._run_prompt(ids, self._mask_handles[p], positions, row)
+        self._run_prompt(ids, self._mask_handles[p], self._positions(p, start), row)
 
     def swap_rows(self, a: int, b: int, length: int) -> None:
         """Swap the first ``length`` cached positions of KV rows ``a`` and ``b`` (share-buffer
@@ -511,17 +505,8 @@ class StepState:
         # joiner shorter than the other rows left them too short)
         self._views_end = max(self._views_end, width + max_steps)
         views, handles = self._packed_views(rows, self._views_end)
-        bind, spec = self.bind, self.spec
         self._bound_rows = 0  # rebound below
-        if start:
-            self._run_row_suffix(row, prompt, start)
-        else:
-            self.kv.bind_rows(bind, row, row + 1)
-            if self.conv is not None:
-                self.conv.start_rows(bind, row, row + 1)
-            bind.bind_output(spec.logits.name, self._logits_range(row, row + 1))
-            ids = prompt[None, :].astype(spec.input_ids.dtype)
-            self._run_prompt(ids, self._mask_handles[p], self._positions(p), row)
+        self._run_row(row, prompt, start)
         mask = views[width]  # (rows, width): the rows before keep their columns
         mask[row, : width - p] = 0
         mask[row, width - p :] = 1

@@ -447,10 +447,7 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
         starts = [prefix.take(r.prompt_ids, switch, r.prefix_cache, b) for b, r in enumerate(reqs)]
     else:
         starts = [0] * n
-    if any(starts):
-        logits = cast("CPUStepState", st).prefill_rows(prompts, steps, starts)
-    else:
-        logits = st.prefill_rows(prompts, steps)
+    logits = st.prefill_rows(prompts, steps, starts)
     sampler.sample(logits, st.next_ids, n)
     t_first = time.perf_counter()
     rows = [RowOutput(ctx, b, r, t0) for b, r in enumerate(reqs)]
@@ -465,15 +462,13 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
             if row.req.cancelled:  # its caller left: stop the row, no result
                 finished[b] = 1
                 live -= 1
-                if prefix is not None:  # later steps rewrite its last slot: that one is left out
-                    prefix.store(row.req.prompt_ids, row.ids, int(st.lengths[b]) - 1, b)
+                _store_row(ctx, row)
                 continue
             chunk = row.push(int(host_ids[b]), sampler)
             if row.done:
                 finished[b] = 1  # masked from the next step on
                 live -= 1
-                if prefix is not None:
-                    prefix.store(row.req.prompt_ids, row.ids, int(st.lengths[b]) - 1, b)
+                _store_row(ctx, row)
             yield b, row.req, chunk, row.result(time.perf_counter()) if row.done else None
         if not live and not (joins and joins(_free_rows(ctx, finished, n), st.length + 1, False)):
             return
@@ -483,10 +478,7 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
         for b, req in joiners:
             reqs.append(req)
             cached = prefix.take(req.prompt_ids, switch, req.prefix_cache, b) if prefix is not None else 0
-            if cached:
-                cast("CPUStepState", st).join_row(b, req.prompt_ids, req.max_new_tokens - 1, cached)
-            else:
-                st.join_row(b, req.prompt_ids, req.max_new_tokens - 1)
+            st.join_row(b, req.prompt_ids, req.max_new_tokens - 1, cached)
             sampler.reset_row(b, req.params, req.prompt_ids, checked=True)
             if b == n:
                 n += 1
@@ -499,6 +491,14 @@ def generate_batch(ctx: DecodeContext, reqs: list[Request], joins: JoinSource | 
         t_sampled = time.perf_counter()
         for b, _ in joiners:
             rows[b].t_first = t_sampled
+
+
+def _store_row(ctx: DecodeContext, row: RowOutput) -> None:
+    """A batch row has ended: with a prefix cache its record is its prompt and tokens, less the
+    last slot, which the batch's later masked steps rewrite."""
+    if ctx.prefix is not None:
+        lengths = cast("CPUStepState", ctx.state).lengths
+        ctx.prefix.store(row.req.prompt_ids, row.ids, int(lengths[row.row]) - 1, row.row)
 
 
 def _free_rows(ctx: DecodeContext, finished: np.ndarray, n: int) -> list[int]:

@@ -605,9 +605,9 @@ def test_waiting_requests_join_a_running_batch(eng, auto, monkeypatch):
     joins = []
     join_row = st.join_row
 
-    def recording(row, prompt, max_steps):
+    def recording(row, prompt, max_steps, start=0):
         joins.append(row)
-        return join_row(row, prompt, max_steps)
+        return join_row(row, prompt, max_steps, start)
 
     monkeypatch.setattr(st, "join_row", recording)
     reruns = _solo_reruns(monkeypatch)
@@ -726,9 +726,9 @@ def test_a_caller_interrupted_while_its_row_runs_stops_the_row(eng, auto, monkey
 
     join_row = st.join_row
 
-    def recording(row, prompt, max_steps):
+    def recording(row, prompt, max_steps, start=0):
         joined.append(row)
-        return join_row(row, prompt, max_steps)
+        return join_row(row, prompt, max_steps, start)
 
     monkeypatch.setattr(st, "decode_rows", gated)
     monkeypatch.setattr(st, "join_row", recording)

@@ -368,11 +368,13 @@ class DeviceStepState:
         self._bind_rows(n)
         self._bind_decode_inputs(n, batched=True)
 
-    def prefill_rows(self, prompts: list[np.ndarray], max_steps: int) -> Any:
+    def prefill_rows(self, prompts: list[np.ndarray], max_steps: int, starts: list[int] | None = None) -> Any:
         """Prefill a batch of ``n`` prompts (1-D int64 arrays), each on its own KV row; returns the
         logits ``(n, vocab)``. Each run of consecutive prompts of the same length is one pass, as on
         the CPU (engine.binding.StepState.prefill_rows). After it :meth:`decode_rows` may run
-        ``max_steps`` times (``max(len) + max_steps <= max_length``, else ValueError)."""
+        ``max_steps`` times (``max(len) + max_steps <= max_length``, else ValueError). ``starts``
+        must be all 0: the prefix cache runs on the CPU state only."""
+        _no_cached_prefix(starts or [0])
         self._check_batches()
         n = len(prompts)
         if not 1 <= n <= self.batch:
@@ -410,11 +412,13 @@ class DeviceStepState:
         self.length += 1
         return self.logits_2d
 
-    def join_row(self, row: int, prompt: np.ndarray, max_steps: int) -> None:
+    def join_row(self, row: int, prompt: np.ndarray, max_steps: int, start: int = 0) -> None:
         """Start a new prompt (1-D int64) on ``row`` of the running batch, between two decode steps: a
         stopped row, or row ``rows`` to grow the batch by one. The checks and the result are the CPU
         state's (engine.binding.StepState.join_row): ``len(prompt) <= length`` and ``length +
-        max_steps <= max_length``, else ValueError; its logits replace the row's in ``logits``."""
+        max_steps <= max_length``, else ValueError; its logits replace the row's in ``logits``.
+        ``start`` must be 0 (the prefix cache runs on the CPU state only)."""
+        _no_cached_prefix([start])
         self._check_batches()
         n, width, p = self.rows, self.length, int(prompt.size)
         check_join(
@@ -427,3 +431,9 @@ class DeviceStepState:
         self.finished[row] = 0
         self._send_finished()
         self._start_rows(max(n, row + 1))
+
+
+def _no_cached_prefix(starts: list[int]) -> None:
+    """The device state keeps no prefix records: every prompt runs whole."""
+    if any(starts):
+        raise ValueError(f"the device step state runs whole prompts only (cached starts {starts})")
