@@ -396,10 +396,11 @@ def coarse_activations(g: onnx.GraphProto) -> str | None:
 
     ONNX Runtime's CPU kernels sum in a different order for one new token than for several (MLAS
     takes a one-row GEMM kernel for ``M == 1``), so a pass over several tokens differs from
-    one-token steps by ~1e-7. On fp32/fp16 activations that stays ~1e-6 in the logits. A matmul
-    that first rounds its input to int8 (MatMulNBits ``accuracy_level`` 4, dynamic quantization)
-    or, on ARM64, to half precision (levels 2, 3) turns it into a different rounding step for some element,
-    ~1e-2 in the logits, enough to swap near-tied greedy tokens (measured: issue 15, docs/perf.md).
+    one-token steps by up to ~4e-7; on fp32/fp16 activations that stays a rounding-level difference.
+    A matmul that first rounds its input to int8 (MatMulNBits ``accuracy_level`` 4, dynamic
+    quantization) or, on ARM64, to half precision (levels 2, 3) turns it into a whole rounding step
+    for some element, enough to swap near-tied greedy tokens (measured: ``python -m
+    perf.spec_exactness``, docs/perf.md).
     Speculation's verify passes and the prefix cache's reuse of one-token steps' KV stay exact only
     without it.
     """

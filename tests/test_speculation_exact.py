@@ -1,9 +1,9 @@
 """Speculation on models whose verify passes cannot reproduce one-token steps exactly.
 
 ONNX Runtime's CPU kernels sum in another order for one new token than for several (MLAS's
-one-row GEMM in GroupQueryAttention's probabilities x V), a ~1e-7 difference. A MatMulNBits of
-accuracy_level 4 rounds its input to int8 next, which turns that into a different rounding step
-for some element: ~1e-2 in the logits, enough to swap near-tied greedy tokens (on a 4-layer
+one-row GEMM in GroupQueryAttention's probabilities x V), up to ~4e-7. A MatMulNBits of
+accuracy_level 4 rounds its input to int8 next, which turns that into a whole int8 step for some
+element, enough to swap near-tied greedy tokens (on a 4-layer
 Phi-4-mini-shaped INT4 model, 5 of 6 grounded requests parted from plain decoding within 64
 tokens; at accuracy_level 0 none did). So on such models (``ModelSpec.coarse_activations``)
 speculation takes plain steps unless ``speculation_options={"exact": False}``.
